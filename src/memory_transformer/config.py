@@ -1,0 +1,351 @@
+"""Typed experiment schema: the single source of truth for keys, types and defaults.
+
+A config is one YAML file with the sections below. `load_config` reads it (or a dict), applies dotted
+`KEY=VALUE` overrides, checks every key and type against these dataclasses, then checks the combinations
+that cannot work. Any problem raises `ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line: `<key>: <what is wrong and what is allowed>`."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+    pretrained: str | None = None  # local path or hub name; then arch and sizes come from it
+    freeze_base: bool | None = None  # default: true when `pretrained` is set, false otherwise
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # default: num_heads
+    intermediate_size: int | None = None  # default: 4 * hidden_size
+    max_seq_len: int = 256
+    tokenizer: str = "bytes"  # built-in byte-level tokenizer, or a transformers tokenizer path/name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    tie_embeddings: bool = False
+
+
+@dataclass
+class RouterLossConfig:
+    load_balance: float = 0.01  # Switch: C * sum_i f_i * P_i
+    importance: float = 0.0  # squared coefficient of variation of chapter importance
+    z_loss: float = 0.001  # mean logsumexp(logits)^2
+
+
+@dataclass
+class MemoryConfig:
+    enabled: bool = True  # false = vanilla control: exactly the base model
+    num_tokens: int = 1024  # slots in one bank
+    num_chapters: int = 1  # the bank is split into this many equal slices
+    top_k: int = 1  # chapters each sequence reads
+    layers: Union[str, list[int]] = "all"  # all | first:K | last:K | every:N | [indices]
+    sharing: str = "shared"  # shared | per_layer | every:K
+    bank: Literal["standard", "factorized", "reduced_dim"] = "standard"
+    bank_rank: int | None = None  # required by factorized / reduced_dim
+    num_heads: int = 4
+    qkv_rank: int | None = None  # rank of low-rank Q/K/V projections; null = full rank
+    wo_init: Literal["zero", "normal"] = "zero"
+    block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
+    routing: Literal["sequence"] = "sequence"
+    router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
+    gradient_checkpointing: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic_facts"  # synthetic_facts | a local file (.txt/.jsonl/.parquet) | hf:<dataset name>
+    num_people: int = 60
+    seed: int = 0
+    path: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    cache_dir: str | None = None  # local JSONL cache for hub datasets
+    mode: Literal["pretraining", "instruction_finetuning"] = "pretraining"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    eval_fraction: float = 0.05
+    qa_fraction: float = 0.25  # synthetic facts: share of question/answer documents in training
+    samples_per_epoch: int | None = None  # synthetic facts: documents drawn per epoch (default 4 per person)
+    max_samples: int | None = None
+
+
+@dataclass
+class LRConfig:
+    base: float | None = None
+    memory_bank: float | None = None
+    memory_attention: float | None = None
+    router: float | None = None
+    lora: float | None = None
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/default"
+    max_steps: int | None = None
+    num_epochs: float | None = None
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: Union[float, LRConfig] = 1e-3
+    weight_decay: Union[float, LRConfig] = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+    best_metric: str = "eval_loss"
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
+    max_bad_steps: int = 5
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML/dict -> overrides -> typed dataclasses -> cross-field checks
+
+
+def load_config(source: str | Path | dict | Config | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a config from a YAML path, a dict or a Config, apply `KEY=VALUE` overrides, validate."""
+    if isinstance(source, Config):
+        source = source.to_dict()
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, dict):
+        raw = _deep_copy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError("", f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError("", f"override {item!r} must look like KEY=VALUE (e.g. memory.top_k=2)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, "cannot set a sub-key of a non-mapping value")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, f"expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(full, f"unknown key{hint}; allowed: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) if not isinstance(a, str) else a for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {type(None): "null", int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming the key and the allowed values."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"got {value!r}; allowed: {_describe(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, f"got {value!r}; allowed: {_describe(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"got {value!r}; allowed: {_describe(tp)}")
+        return [_coerce(typing.get_args(tp)[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, f"{key}.")
+        raise ConfigError(key, f"got {value!r}; allowed: {_describe(tp)}")
+    ok = {
+        type(None): value is None,
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(key, f"got {value!r}; allowed: {_describe(tp)}")
+    return float(value) if tp is float else value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-field checks (everything that type checks cannot see)
+
+_LAYER_SPEC = re.compile(r"^(all|first:\d+|last:\d+|every:\d+)$")
+_SHARING_SPEC = re.compile(r"^(shared|per_layer|every:\d+)$")
+
+
+def validate(cfg: Config) -> None:
+    m, mem, t = cfg.model, cfg.memory, cfg.training
+    for key in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.pretrained is None and m.hidden_size % m.num_heads:
+        raise ConfigError("model.num_heads", f"must divide model.hidden_size ({m.hidden_size}), got {m.num_heads}")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError("model.num_kv_heads", f"must divide model.num_heads ({m.num_heads}), got {kv}")
+    if mem.enabled:
+        _check_memory(mem, m)
+    _positive("training.batch_size", t.batch_size)
+    _positive("training.grad_accum_steps", t.grad_accum_steps)
+    if t.max_steps is not None:
+        _positive("training.max_steps", t.max_steps)
+    if t.max_steps is None and t.num_epochs is None:
+        raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.mode == "instruction_finetuning" and m.tokenizer == "bytes":
+        raise ConfigError(
+            "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"
+        )
+    for tracker in t.log_with:
+        if tracker not in ("tensorboard", "wandb", "trackio", "none"):
+            raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be a positive integer, got {value}")
+
+
+def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
+    _positive("memory.num_tokens", mem.num_tokens)
+    _positive("memory.num_chapters", mem.num_chapters)
+    _positive("memory.num_heads", mem.num_heads)
+    if mem.num_tokens % mem.num_chapters:
+        raise ConfigError(
+            "memory.num_chapters",
+            f"must divide memory.num_tokens ({mem.num_tokens}) into equal chapters, got {mem.num_chapters}",
+        )
+    if not 1 <= mem.top_k <= mem.num_chapters:
+        raise ConfigError("memory.top_k", f"must be between 1 and memory.num_chapters ({mem.num_chapters}), got {mem.top_k}")
+    if mem.bank in ("factorized", "reduced_dim") and not mem.bank_rank:
+        raise ConfigError("memory.bank_rank", f"required (a positive integer) when memory.bank is {mem.bank}")
+    if isinstance(mem.layers, str) and not _LAYER_SPEC.match(mem.layers):
+        raise ConfigError("memory.layers", f"got {mem.layers!r}; allowed: all, first:K, last:K, every:N, or a list of layer indices")
+    if not _SHARING_SPEC.match(mem.sharing):
+        raise ConfigError("memory.sharing", f"got {mem.sharing!r}; allowed: shared, per_layer, every:K")
+    if m.pretrained is None:  # with a pretrained base the layer count is known only after loading
+        resolve_layers(mem.layers, m.num_layers)
+    dim = mem.bank_rank if mem.bank == "reduced_dim" else m.hidden_size
+    if m.pretrained is None and dim % mem.num_heads:
+        raise ConfigError("memory.num_heads", f"must divide the memory attention width ({dim}), got {mem.num_heads}")
+    if not 0.0 <= mem.dropout < 1.0:
+        raise ConfigError("memory.dropout", f"must be in [0, 1), got {mem.dropout}")
+
+
+def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
+    """Turn `memory.layers` into sorted layer indices for a model with `num_layers` decoder layers."""
+    if isinstance(spec, list):
+        for i in spec:
+            if not 0 <= i < num_layers:
+                raise ConfigError("memory.layers", f"layer index {i} out of range: the model has layers 0..{num_layers - 1}")
+        if len(set(spec)) != len(spec) or not spec:
+            raise ConfigError("memory.layers", f"must be a non-empty list of distinct indices, got {spec}")
+        return sorted(spec)
+    if spec == "all":
+        return list(range(num_layers))
+    kind, n = spec.split(":")
+    n = int(n)
+    if n <= 0 or (kind != "every" and n > num_layers):
+        raise ConfigError("memory.layers", f"{spec!r}: K must be between 1 and the number of layers ({num_layers})")
+    if kind == "first":
+        return list(range(n))
+    if kind == "last":
+        return list(range(num_layers - n, num_layers))
+    return list(range(n - 1, num_layers, n))  # every:N -> layers N-1, 2N-1, ...
+
+
+def bank_groups(sharing: str, layers: list[int]) -> list[int]:
+    """Bank index for each memory layer: shared -> all 0; per_layer -> 0..L-1; every:K -> groups of K."""
+    if sharing == "shared":
+        return [0] * len(layers)
+    k = 1 if sharing == "per_layer" else int(sharing.split(":")[1])
+    if k <= 0:
+        raise ConfigError("memory.sharing", f"every:K needs K >= 1, got {sharing!r}")
+    return [i // k for i in range(len(layers))]

@@ -1,0 +1,54 @@
+"""Tokenizers: a byte-level default that needs no files, or any `transformers` tokenizer.
+
+`ByteTokenizer` speaks the small part of the `transformers` tokenizer API that this package uses
+(`encode`, `decode`, `pad_token_id`, `eos_token_id`, `bos_token_id`, `len()`, `save_pretrained`), so the
+rest of the code treats both kinds the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; then pad, bos, eos."""
+
+    pad_token_id = 256
+    bos_token_id = 257
+    eos_token_id = 258
+    chat_template = None
+
+    def __len__(self) -> int:
+        return 259
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        data = bytes(i for i in ids if i < 256) if skip_special_tokens else bytes(min(i, 255) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": "bytes", "vocab_size": len(self)}))
+
+
+def load_tokenizer(name: str):
+    """`bytes` -> ByteTokenizer; a folder holding a saved ByteTokenizer -> ByteTokenizer; else AutoTokenizer."""
+    if name == "bytes" or (Path(name) / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
