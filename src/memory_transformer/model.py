@@ -1,0 +1,235 @@
+"""Build a model from a config (fresh `transformers` decoder or a pretrained one, plus memory), save and load it.
+
+A saved model is a folder:
+  config.yaml                    the resolved experiment config
+  model.safetensors              every weight (from-scratch or unfrozen base), or, for a frozen pretrained base,
+  adapter_config.json +          only what was trained (memory, LoRA) and the name of the base:
+  adapter_model.safetensors      `load_model` loads the base from there and the adapter onto it
+  tokenizer files
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from memory_transformer.config import Config, ConfigError, load_config, resolve_layers
+from memory_transformer.data.tokenizer import load_tokenizer
+from memory_transformer.inject import MemoryStack
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPONENTS = ("base", "memory_bank", "memory_attention", "memory_mlp", "router", "lora")
+
+
+def component_of(name: str) -> str:
+    """Which component a parameter belongs to, from its name in `MemoryModel.named_parameters()`."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("memory.banks."):
+        return "memory_bank"
+    if name.startswith("memory.blocks."):
+        if ".attn.router." in name:
+            return "router"
+        return "memory_attention" if ".attn." in name else "memory_mlp"
+    return "base"
+
+
+class MemoryModel(nn.Module):
+    """A `transformers` causal LM with memory layers spliced in. Behaves like the base model:
+    `forward(input_ids, attention_mask=None, labels=None)` returns `.loss` and `.logits`; `generate(...)`
+    uses the normal KV cache."""
+
+    def __init__(self, config: Config, base: nn.Module, tokenizer=None):
+        super().__init__()
+        self.config, self.base, self.tokenizer = config, base, tokenizer
+        self.memory: MemoryStack | None = None
+        if config.memory.enabled:
+            n_layers = base.config.num_hidden_layers
+            self.memory = MemoryStack(config.memory, base.config, resolve_layers(config.memory.layers, n_layers))
+            self.memory.to(dtype=next(base.parameters()).dtype)
+            self.memory.install(base)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, router_aux: bool = True, **kwargs):
+        """Like the base model's forward. With labels, `.loss` includes the router losses of this batch unless
+        `router_aux=False` (the trainer adds them once over the global batch instead)."""
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if self.memory is not None:
+            out["router_usage"] = self.memory.usage()
+            if labels is not None and router_aux:
+                aux = self.memory.aux_loss()
+                if aux is not None:
+                    out["lm_loss"] = out.loss
+                    out.loss = out.loss + aux
+        return out
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """`transformers` generate; with sequence routing the chapters are chosen on the prompt and kept."""
+        if self.memory is None:
+            return self.base.generate(*args, **kwargs)
+        state = self.memory.state
+        state.routing.clear()
+        state.freeze_routing = True
+        try:
+            return self.base.generate(*args, **kwargs)
+        finally:
+            state.freeze_routing = False
+            state.routing.clear()
+
+    def parameter_report(self) -> dict[str, dict[str, int]]:
+        """Parameters and bytes per component, plus total and trainable."""
+        params = {c: 0 for c in (*COMPONENTS, "total", "trainable")}
+        nbytes = dict.fromkeys(params, 0)
+        for name, p in self.named_parameters():
+            c = component_of(name)
+            for key in (c, "total", *(["trainable"] if p.requires_grad else [])):
+                params[key] += p.numel()
+                nbytes[key] += p.numel() * p.element_size()
+        return {"parameters": params, "bytes": nbytes}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_model(self, directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building
+
+
+def _base_config(cfg: Config, tokenizer):
+    from transformers import AutoConfig
+
+    m = cfg.model
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
+        intermediate_size=m.intermediate_size or 4 * m.hidden_size, max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=cfg.memory.init_std,
+    )
+    if m.arch in ("qwen3", "mistral"):
+        kwargs["head_dim"] = m.hidden_size // m.num_heads
+    if m.arch == "mistral":
+        kwargs["sliding_window"] = None
+    return AutoConfig.for_model(m.arch, **kwargs)
+
+
+def _load_base(cfg: Config, tokenizer, device: str | torch.device | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    dtype = DTYPES[m.dtype]
+    if m.pretrained is None:
+        base_cfg = _base_config(cfg, tokenizer)
+        with torch.device(device or "cpu"):
+            return AutoModelForCausalLM.from_config(base_cfg, attn_implementation=m.attn_implementation, dtype=dtype)
+    if str(device) == "meta":  # shapes only (for `info`): no weights are read
+        base_cfg = AutoConfig.from_pretrained(m.pretrained)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(base_cfg, attn_implementation=m.attn_implementation, dtype=dtype)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(m.pretrained, attn_implementation=m.attn_implementation, dtype=dtype)
+    except OSError as e:
+        raise ConfigError("model.pretrained", f"cannot load {m.pretrained!r}: {str(e).splitlines()[0]}") from None
+    return base.to(device) if device else base
+
+
+def build_model(config: Config | dict | str, device: str | torch.device | None = None, seed: int | None = None) -> MemoryModel:
+    """A MemoryModel for `config`: a fresh randomly initialised decoder of `model.arch`, or the pretrained
+    `model.pretrained`, with memory attached when `memory.enabled`. `device="meta"` builds shapes only."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.pretrained is None else _tokenizer_name(cfg))
+    torch.manual_seed(cfg.training.seed if seed is None else seed)
+    base = _load_base(cfg, tokenizer, device)
+    if cfg.model.pretrained is not None and cfg.memory.enabled:
+        resolve_layers(cfg.memory.layers, base.config.num_hidden_layers)  # clear error if out of range
+    if device is not None and str(device) == "meta":
+        with torch.device("meta"):
+            model = MemoryModel(cfg, base, tokenizer)
+    else:
+        with torch.device(device or "cpu"):
+            model = MemoryModel(cfg, base, tokenizer)
+    freeze = cfg.model.freeze_base if cfg.model.freeze_base is not None else cfg.model.pretrained is not None
+    if freeze:
+        base.requires_grad_(False)
+    return model
+
+
+def _tokenizer_name(cfg: Config) -> str:
+    return cfg.model.pretrained if cfg.model.tokenizer == "bytes" and cfg.model.pretrained else cfg.model.tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and loading (safetensors only; nothing is unpickled)
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "model.safetensors"
+
+
+def _is_adapter(model: MemoryModel) -> bool:
+    frozen = not any(p.requires_grad for n, p in model.named_parameters() if component_of(n) == "base")
+    return model.config.model.pretrained is not None and frozen
+
+
+def trained_state(model: MemoryModel) -> dict[str, torch.Tensor]:
+    """What an adapter save holds: every non-base weight (memory, LoRA)."""
+    return {k: v for k, v in model.state_dict().items() if component_of(k) != "base"}
+
+
+def save_model(model: MemoryModel, directory: str | Path) -> None:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out / "config.yaml")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out)
+    if _is_adapter(model):
+        save_file({k: v.contiguous() for k, v in trained_state(model).items()}, out / ADAPTER_WEIGHTS)
+        base_cfg = model.base.config
+        info = {"base_model": model.config.model.pretrained, "model_type": base_cfg.model_type,
+                "hidden_size": base_cfg.hidden_size, "num_hidden_layers": base_cfg.num_hidden_layers}
+        (out / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2))
+    else:
+        from safetensors.torch import save_model as st_save_model
+
+        st_save_model(model, str(out / FULL_WEIGHTS))  # handles tied embeddings
+
+
+def load_model(directory: str | Path, device: str | torch.device | None = None, overrides: list[str] | None = None) -> MemoryModel:
+    """Restore a model saved with `save_pretrained`: same weights, same logits."""
+    src = Path(directory)
+    if not (src / "config.yaml").is_file():
+        raise ConfigError("", f"{src}: not a saved model (no config.yaml)")
+    cfg = load_config(src / "config.yaml", overrides)
+    if (src / ADAPTER_WEIGHTS).is_file():
+        model = build_model(cfg, device=device)
+        _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src)
+        missing = set(trained_state(model)) - set(load_file(src / ADAPTER_WEIGHTS))
+        if missing:
+            raise ConfigError("", f"{src / ADAPTER_WEIGHTS}: missing weights {sorted(missing)[:3]}")
+        model.load_state_dict(load_file(src / ADAPTER_WEIGHTS, device=str(model.device)), strict=False)
+    else:
+        from safetensors.torch import load_model as st_load_model
+
+        model = build_model(cfg, device=device)
+        st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
+    if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():
+        model.tokenizer = load_tokenizer(str(src))
+    return model
+
+
+def _check_adapter_base(model: MemoryModel, info: dict, src: Path) -> None:
+    base_cfg = model.base.config
+    for key, actual in (("model_type", base_cfg.model_type), ("hidden_size", base_cfg.hidden_size),
+                        ("num_hidden_layers", base_cfg.num_hidden_layers)):
+        if info.get(key) != actual:
+            raise ConfigError("model.pretrained", f"adapter {src} was trained on a base with {key}={info.get(key)}, "
+                              f"but {model.config.model.pretrained!r} has {key}={actual}")
