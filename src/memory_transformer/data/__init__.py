@@ -1,0 +1,150 @@
+"""Training and evaluation examples for both modes, from any source, in one representation.
+
+An example set is a dict of LongTensors `input_ids`, `labels`, `attention_mask`, each (N, model.max_seq_len).
+Labels are not shifted (the model shifts them, as `transformers` does); -100 marks tokens without loss.
+
+- pretraining: documents are tokenized, each followed by eos, concatenated and cut into full blocks;
+- instruction_finetuning: one chat per row, loss only on assistant tokens, right-padded or truncated.
+
+`train_examples(epoch)` is a pure function of (data.seed, epoch), so a resumed run can index into epoch e's
+examples by position and see exactly what the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from memory_transformer.config import Config, ConfigError
+from memory_transformer.data.sources import load_documents
+from memory_transformer.data.synthetic_facts import Person, RecallItem, SyntheticFacts
+
+__all__ = ["DataBundle", "build_data", "SyntheticFacts", "Person", "RecallItem", "pack_documents", "chat_examples"]
+
+Examples = dict[str, torch.Tensor]
+
+
+@dataclass
+class DataBundle:
+    train_examples: Callable[[int], Examples]  # epoch -> {input_ids, labels, attention_mask}: (N, T) each
+    eval_examples: Examples  # fixed eval set, (M, T) each
+    facts: SyntheticFacts | None = None  # people and recall probes (synthetic source only)
+
+
+def build_data(cfg: Config, tokenizer) -> DataBundle:
+    """Read `cfg.data`, tokenize, and return the per-epoch training examples and the fixed eval set."""
+    if cfg.data.source == "synthetic_facts":
+        return _synthetic(cfg, tokenizer)
+    d, T = cfg.data, cfg.model.max_seq_len
+    docs = load_documents(d)
+    n_eval = round(len(docs) * d.eval_fraction) if len(docs) > 1 else 0
+    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+    encode = _encoder(cfg, tokenizer)
+    train = encode(train_docs, False)
+    if len(train["input_ids"]) == 0:
+        raise ConfigError("model.max_seq_len", f"the training documents do not fill one block of {T} tokens")
+    return DataBundle(_shuffled(train, d.seed), encode(eval_docs, True))
+
+
+def _synthetic(cfg: Config, tokenizer) -> DataBundle:
+    d = cfg.data
+    facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
+    n = d.samples_per_epoch or 4 * d.num_people
+    encode = _encoder(cfg, tokenizer)
+    chat = d.mode == "instruction_finetuning"
+    docs = facts.train_messages if chat else facts.train_documents
+    eval_docs = facts.eval_messages(d.num_people) if chat else facts.eval_documents(d.num_people)
+
+    @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
+    def train(epoch: int) -> Examples:
+        return _shuffle(encode(docs(epoch, n), False), d.seed, epoch)
+
+    return DataBundle(train, encode(eval_docs, True), facts)
+
+
+def _encoder(cfg: Config, tokenizer) -> Callable[[list, bool], Examples]:
+    T = cfg.model.max_seq_len
+    if cfg.data.mode == "instruction_finetuning":
+        return lambda docs, is_eval: chat_examples(docs, tokenizer, T)
+    return lambda docs, is_eval: pack_documents(docs, tokenizer, T, pad_remainder=is_eval)
+
+
+def _shuffle(ex: Examples, seed: int, epoch: int) -> Examples:
+    order = list(range(len(ex["input_ids"])))
+    random.Random(f"{seed}:shuffle:{epoch}").shuffle(order)
+    index = torch.tensor(order, dtype=torch.long)
+    return {k: v[index] for k, v in ex.items()}
+
+
+def _shuffled(ex: Examples, seed: int) -> Callable[[int], Examples]:
+    return lambda epoch: _shuffle(ex, seed, epoch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining: pack documents into full blocks
+
+
+def pack_documents(docs: list[str], tokenizer, T: int, pad_remainder: bool = False) -> Examples:
+    """Concatenate `doc + eos` token streams and cut into blocks of T. The tail shorter than T is dropped,
+    or (for eval, where every token counts) padded with labels -100 and attention_mask 0."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream = [t for doc in docs for t in [*tokenizer.encode(doc, add_special_tokens=False), *eos]]
+    n_full, tail = divmod(len(stream), T)
+    ids = torch.tensor(stream[: n_full * T], dtype=torch.long).view(n_full, T)
+    ex = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if pad_remainder and tail:
+        last = _padded(stream[n_full * T :], stream[n_full * T :], T, tokenizer.pad_token_id)
+        ex = {k: torch.cat([ex[k], last[k][None]]) for k in ex}
+    return ex
+
+
+def _padded(ids: list[int], labels: list[int], T: int, pad_id: int) -> Examples:
+    ids, labels = ids[:T], labels[:T]
+    n_pad = T - len(ids)
+    return {
+        "input_ids": torch.tensor(ids + [pad_id] * n_pad, dtype=torch.long),
+        "labels": torch.tensor(labels + [-100] * n_pad, dtype=torch.long),
+        "attention_mask": torch.tensor([1] * len(ids) + [0] * n_pad, dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Instruction fine-tuning: chat template, loss on assistant tokens only
+
+
+def chat_examples(chats: list[list[dict]], tokenizer, T: int) -> Examples:
+    rows = [chat_example(m, tokenizer, T) for m in chats]
+    if not rows:
+        return {k: torch.zeros(0, T, dtype=torch.long) for k in ("input_ids", "labels", "attention_mask")}
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def chat_example(messages: list[dict], tokenizer, T: int) -> Examples:
+    """Render with the tokenizer's chat template; a token is trained on iff it starts inside an assistant
+    turn. Turns are located by rendering prefixes, which works for any template without `{% generation %}`."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = assistant_spans(messages, tokenizer, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if any(a <= s < b for a, b in spans) else -100 for t, (s, _) in zip(ids, enc["offset_mapping"])]
+    return _padded(ids, labels, T, tokenizer.pad_token_id)
+
+
+def assistant_spans(messages: list[dict], tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character ranges of assistant turns in `text` (content plus the template's end-of-turn marker)."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise ConfigError(
+                "model.tokenizer", "the chat template renders prefixes of a chat differently; cannot find assistant turns"
+            )
+        spans.append((len(before), len(through)))
+    return spans
