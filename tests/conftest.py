@@ -1,0 +1,54 @@
+"""Shared tiny configs and the parametrized tables every architecture and memory variant goes through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory_transformer import load_config
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+# One row per memory variant (PEFT-style TEST_CASES): adding a variant is adding a row.
+MEMORY_CASES = {
+    "standard-shared-A": {},
+    "standard-per_layer-B": {"sharing": "per_layer", "block_variant": "B"},
+    "factorized-every2-A": {"bank": "factorized", "bank_rank": 8, "sharing": "every:2"},
+    "reduced_dim-shared-B": {"bank": "reduced_dim", "bank_rank": 16, "block_variant": "B"},
+    "lowrank_qkv-last1-A": {"qkv_rank": 8, "layers": "last:1"},
+    "dense-1chapter-A": {"num_chapters": 1, "top_k": 1},
+}
+
+
+def tiny_config(arch: str = "llama", memory: dict | None = None, **sections):
+    raw = {
+        "model": {"arch": arch, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 64, "max_seq_len": 64},
+        "memory": {"num_tokens": 64, "num_chapters": 4, "top_k": 2, "num_heads": 4, "wo_init": "normal", **(memory or {})},
+        "training": {"max_steps": 2},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return load_config(raw)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def saved_base(tmp_path):
+    """Factory: a tiny randomly initialised transformers model of `arch`, saved with save_pretrained."""
+    from memory_transformer import build_model
+
+    def make(arch: str = "llama"):
+        cfg = tiny_config(arch, memory={"enabled": False})
+        model = build_model(cfg, seed=123)
+        path = tmp_path / f"base-{arch}"
+        model.base.save_pretrained(path)
+        model.tokenizer.save_pretrained(path)
+        return path
+
+    return make
