@@ -1,0 +1,62 @@
+"""Greedy exact-match recall of facts: does the model complete each prompt with exactly the answer?"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from memory_transformer.data.synthetic_facts import RecallItem
+
+
+def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32) -> dict:
+    """Greedy-decode len(answer tokens) tokens after each prompt; correct iff they equal the answer tokens.
+
+    Returns recall (fraction correct), correct, total, bits (sum of `item.bits` over correct items) and
+    by_attribute (recall per attribute name).
+    """
+    was_training = model.training
+    model.eval()
+    hits: list[bool] = []
+    for start in range(0, len(items), batch_size):
+        hits += _score_batch(model, tokenizer, items[start : start + batch_size])
+    model.train(was_training)
+    per_attr: dict[str, list[bool]] = defaultdict(list)
+    for item, hit in zip(items, hits):
+        per_attr[item.attribute].append(hit)
+    return {
+        "recall": sum(hits) / len(items) if items else 0.0,
+        "correct": sum(hits),
+        "total": len(items),
+        "bits": sum(item.bits for item, hit in zip(items, hits) if hit),
+        "by_attribute": {a: sum(h) / len(h) for a, h in per_attr.items()},
+    }
+
+
+@torch.no_grad()
+def _score_batch(model, tokenizer, items: list[RecallItem]) -> list[bool]:
+    prompts = [tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
+    answers = [tokenizer.encode(it.answer, add_special_tokens=False) for it in items]
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, _device(model))
+    generated = []
+    # Full forward pass per step (no KV cache): simple and exact. Positions are not passed: with left padding
+    # the real tokens sit at shifted positions, which rotary models (all supported archs) do not see.
+    for _ in range(max(len(a) for a in answers)):
+        next_ids = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)  # (B,)
+        generated.append(next_ids)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
+    out = torch.stack(generated, dim=1).tolist()  # (B, max answer length)
+    return [row[: len(a)] == a for row, a in zip(out, answers)]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _device(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
