@@ -70,6 +70,8 @@ class MemoryConfig:
     gradient_checkpointing: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    quantization: Literal["none", "int8", "int4"] = "none"  # bank storage for inference (memory/quant.py)
+    quant_group_size: int = 64  # int4: values per scale; must divide the bank row width
 
 
 @dataclass
@@ -317,6 +319,16 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         raise ConfigError("memory.num_heads", f"must divide the memory attention width ({dim}), got {mem.num_heads}")
     if not 0.0 <= mem.dropout < 1.0:
         raise ConfigError("memory.dropout", f"must be in [0, 1), got {mem.dropout}")
+    _check_quantization(mem, m)
+
+
+def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
+    _positive("memory.quant_group_size", mem.quant_group_size)
+    # A row is what gets quantized: (S, d) chapters, or the (S, r) chapters / A factors of the other kinds.
+    row = mem.bank_rank if mem.bank != "standard" else m.hidden_size
+    if mem.quantization == "int4" and (m.pretrained is None or mem.bank != "standard") and row % mem.quant_group_size:
+        raise ConfigError("memory.quant_group_size",
+                          f"must divide the bank row width ({row}) for int4 quantization, got {mem.quant_group_size}")
 
 
 def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:

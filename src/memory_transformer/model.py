@@ -20,6 +20,7 @@ from torch import nn
 from memory_transformer.config import Config, ConfigError, load_config, resolve_layers
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
+from memory_transformer.memory.quant import BITS
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +88,8 @@ class MemoryModel(nn.Module):
             state.routing.clear()
 
     def parameter_report(self) -> dict[str, dict[str, int]]:
-        """Parameters and bytes per component, plus total and trainable."""
+        """Parameters and bytes per component, plus total and trainable. A quantized bank counts its stored
+        values as parameters (none trainable) and its buffers, scales included, as bytes."""
         params = {c: 0 for c in (*COMPONENTS, "total", "trainable")}
         nbytes = dict.fromkeys(params, 0)
         for name, p in self.named_parameters():
@@ -95,6 +97,11 @@ class MemoryModel(nn.Module):
             for key in (c, "total", *(["trainable"] if p.requires_grad else [])):
                 params[key] += p.numel()
                 nbytes[key] += p.numel() * p.element_size()
+        for bank in self.memory.banks if self.memory is not None else []:
+            values, stored = bank.stored_footprint()  # quantized buffers (not Parameters); (0, 0) when float
+            for key in ("memory_bank", "total"):
+                params[key] += values
+                nbytes[key] += stored
         return {"parameters": params, "bytes": nbytes}
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -144,10 +151,18 @@ def _load_base(cfg: Config, tokenizer, device: str | torch.device | None):
     return base.to(device) if device else base
 
 
-def build_model(config: Config | dict | str, device: str | torch.device | None = None, seed: int | None = None) -> MemoryModel:
+def build_model(config: Config | dict | str, device: str | torch.device | None = None, seed: int | None = None,
+                for_training: bool = False) -> MemoryModel:
     """A MemoryModel for `config`: a fresh randomly initialised decoder of `model.arch`, or the pretrained
-    `model.pretrained`, with memory attached when `memory.enabled`. `device="meta"` builds shapes only."""
+    `model.pretrained`, with memory attached when `memory.enabled`. `device="meta"` builds shapes only.
+
+    With `memory.quantization` int8/int4 the banks are built as quantized buffers (to load a quantized
+    checkpoint into). Those are for inference only: there is no quantization-aware training, so
+    `for_training=True` with a quantized config is an error; train in float, then quantize."""
     cfg = config if isinstance(config, Config) else load_config(config)
+    if for_training and cfg.memory.enabled and cfg.memory.quantization != "none":
+        raise ConfigError("memory.quantization", "quantized banks are for inference: train with "
+                          "memory.quantization=none, then `memory-transformer quantize`")
     tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.pretrained is None else _tokenizer_name(cfg))
     torch.manual_seed(cfg.training.seed if seed is None else seed)
     base = _load_base(cfg, tokenizer, device)
@@ -162,6 +177,9 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     freeze = cfg.model.freeze_base if cfg.model.freeze_base is not None else cfg.model.pretrained is not None
     if freeze:
         base.requires_grad_(False)
+    if model.memory is not None and cfg.memory.quantization != "none":
+        for bank in model.memory.banks:  # buffers of the right shapes; a checkpoint load fills them
+            bank.quantize_(BITS[cfg.memory.quantization], cfg.memory.quant_group_size)
     return model
 
 

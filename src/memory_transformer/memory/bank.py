@@ -2,6 +2,9 @@
 
 Each chapter is its own Parameter. A chapter that no sequence selected takes no part in the graph, so its
 `.grad` stays None and AdamW skips it entirely: a step costs the same with 128 chapters as with 1.
+
+For inference a trained bank can be quantized in place (`quantize_`, see memory/quant.py): each chapter then
+becomes two buffers, `q.<c>` and `scale.<c>`, and `read` dequantizes only the chapters it is asked for.
 """
 
 from __future__ import annotations
@@ -10,6 +13,23 @@ import math
 
 import torch
 from torch import nn
+
+from memory_transformer.memory.quant import dequantize, quantize
+
+
+class Buffers(nn.Module):
+    """Tensors registered as buffers named "0", "1", ... (state dict keys `<name>.<i>`), indexable like a list."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(str(i), t)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return getattr(self, str(i))
+
+    def __len__(self) -> int:
+        return len(self._buffers)
 
 
 class MemoryBank(nn.Module):
@@ -20,6 +40,7 @@ class MemoryBank(nn.Module):
                  rank: int | None = None, init_std: float = 0.02):
         super().__init__()
         self.kind, self.num_chapters = kind, num_chapters
+        self.bits, self.group_size = 0, 0  # 0 = float Parameters; 8 or 4 after `quantize_`
         self.chapter_size = num_tokens // num_chapters
         S = self.chapter_size
         if kind == "factorized":
@@ -35,13 +56,47 @@ class MemoryBank(nn.Module):
             )
 
     def read(self, chapter_ids: list[int]) -> torch.Tensor:
-        """The slots of the given chapters: (U, S, width). Only these chapters enter the graph."""
-        slots = torch.stack([self.chapters[i] for i in chapter_ids])  # (U, S, r or width)
+        """The slots of the given chapters: (U, S, width). Only these chapters enter the graph (float bank)
+        or get dequantized (quantized bank)."""
+        if self.bits:
+            slots = torch.stack([self.dequantize(i) for i in chapter_ids])  # (U, S, r or width)
+        else:
+            slots = torch.stack([self.chapters[i] for i in chapter_ids])  # (U, S, r or width)
         if self.kind == "factorized":
             slots = slots @ self.right.T  # (U, S, d)
         return slots
 
-    def chapter_params(self, chapter: int) -> list[nn.Parameter]:
-        """Parameters that determine chapter `chapter` (for cache invalidation)."""
+    def chapter_params(self, chapter: int) -> list[torch.Tensor]:
+        """Tensors that determine chapter `chapter` (for cache invalidation): Parameters, or the buffers of a
+        quantized chapter."""
         extra = [self.right] if self.kind == "factorized" else []
-        return [self.chapters[chapter], *extra]
+        own = [self.q[chapter], self.scale[chapter]] if self.bits else [self.chapters[chapter]]
+        return [*own, *extra]
+
+    # -- quantized storage (inference) ---------------------------------------------------------------------
+    def quantize_(self, bits: int, group_size: int = 64) -> None:
+        """Replace the float chapters (the A factors of a factorized bank) by `bits`-bit buffers in place.
+        The shared B of a factorized bank stays float but is frozen: a quantized bank is not trained."""
+        assert not self.bits and bits in (8, 4), (self.bits, bits)
+        dtype, device = self.chapters[0].dtype, self.chapters[0].device
+        self.num_values = sum(p.numel() for p in self.chapters)
+        stored = [quantize(p.detach(), bits, group_size) for p in self.chapters]  # [(q, scale)] per chapter
+        del self.chapters
+        self.q, self.scale = Buffers([q for q, _ in stored]), Buffers([s for _, s in stored])
+        # Empty float buffer: follows `.to(dtype)` so reads come out in the model's current dtype. Not saved.
+        self.register_buffer("out_dtype", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.bits, self.group_size = bits, group_size
+        if self.kind == "factorized":
+            self.right.requires_grad_(False)
+
+    def dequantize(self, chapter: int) -> torch.Tensor:
+        """One quantized chapter as floats: (S, r or width) in the model dtype."""
+        return dequantize(self.q[chapter], self.scale[chapter], self.bits, self.group_size, self.out_dtype.dtype)
+
+    def stored_footprint(self) -> tuple[int, int]:
+        """(values, bytes) held in quantized buffers: values = the quantized entries (2 per byte for int4,
+        scales not counted), bytes include the scales. (0, 0) for a float bank, whose Parameters count instead."""
+        if not self.bits:
+            return 0, 0
+        nbytes = sum(t.numel() * t.element_size() for buf in (self.q, self.scale) for t in buf.buffers())
+        return self.num_values, nbytes
