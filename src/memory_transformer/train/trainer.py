@@ -1,0 +1,322 @@
+"""The training loop, on `accelerate`: one process on a CPU/GPU, or many through `accelerate launch` / `torchrun`.
+
+One optimizer step = `grad_accum_steps` micro-batches of `batch_size` rows on each of the W processes.
+The loss of a step is the token-mean cross-entropy over that whole global batch (summed per micro-batch and
+divided by the global token count), so W processes give the same step as one process with the same global
+batch. The router losses are computed once per step over the pooled router inputs of the global batch.
+
+Run folder (`training.output_dir`): config.yaml, metrics.jsonl, checkpoints/step-NNNNNN/, best/, final/, plots/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memory_transformer.config import Config, ConfigError
+from memory_transformer.data import build_data
+from memory_transformer.evaluate import evaluate, token_loss_sums
+from memory_transformer.model import build_model, load_weights, save_model
+from memory_transformer.train import checkpoint as ckpt
+from memory_transformer.train.optim import make_optimizer, make_scheduler
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0  # data position: epoch and row offset into that epoch's examples
+    offset: int = 0
+    best: float | None = None
+    evals_without_improvement: int = 0
+    bad_steps_in_a_row: int = 0
+    tokens: int = 0
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric or "ppl" in metric
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool | str | None = None, progress: bool = True):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        self.cfg, self.t = cfg, cfg.training
+        self.run_dir = Path(self.t.output_dir)
+        self.progress = progress
+        trackers = [x for x in self.t.log_with if x != "none"]
+        self.acc = Accelerator(
+            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.t.precision],
+            log_with=trackers or None, project_dir=str(self.run_dir),
+            # top-k routing leaves most chapters unused in a step: DDP must not wait for their gradients
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        resume_from = self._prepare_run_dir(resume)
+        model = build_model(cfg, seed=self.t.seed)
+        if self.t.gradient_checkpointing:
+            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.tokenizer = model.tokenizer
+        self.data = build_data(cfg, self.tokenizer)
+        self.global_batch = self.t.batch_size * self.t.grad_accum_steps * self.acc.num_processes
+        self.total_steps = self._total_steps()
+        optimizer = make_optimizer(model, self.t)
+        self.scheduler = make_scheduler(optimizer, self.t, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.state = TrainState()
+        if resume_from is not None:
+            self._restore(resume_from)
+        if trackers:
+            self.acc.init_trackers("memory-transformer", config=_flat(cfg.to_dict()))
+
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    # -- run folder --------------------------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool | str | None) -> Path | None:
+        d = self.run_dir
+        if resume:
+            ckpt.clean_stale_temp(d)
+            path = ckpt.latest_checkpoint(d) if resume is True else Path(resume)
+            if path is None:
+                raise ConfigError("--resume", f"no complete checkpoint in {d / 'checkpoints'}")
+            if not (path / "COMPLETE").is_file():
+                raise ConfigError("--resume", f"{path} is not a complete checkpoint")
+            return path
+        if d.exists() and any(d.iterdir()):
+            raise ConfigError("training.output_dir", f"{d} already holds a run; continue it with --resume, "
+                              "or choose another output_dir (nothing was overwritten)")
+        if self.acc.is_main_process:
+            d.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(d / "config.yaml")
+        self.acc.wait_for_everyone()
+        return None
+
+    def _total_steps(self) -> int:
+        if self.t.max_steps is not None:
+            return self.t.max_steps
+        per_epoch = len(self.data.train_examples(0)["input_ids"]) // self.global_batch
+        return max(1, math.ceil(self.t.num_epochs * per_epoch))
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def _next_batch(self) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches for the next step; advances the data position."""
+        s, G = self.state, self.global_batch
+        examples = self.data.train_examples(s.epoch)
+        if s.offset + G > len(examples["input_ids"]):
+            s.epoch, s.offset = s.epoch + 1, 0
+            examples = self.data.train_examples(s.epoch)
+            if G > len(examples["input_ids"]):
+                raise ConfigError("training.batch_size", f"one global batch ({G} rows) is larger than an epoch "
+                                  f"({len(examples['input_ids'])} rows)")
+        rows = {k: v[s.offset : s.offset + G] for k, v in examples.items()}
+        s.offset += G
+        b, W, r = self.t.batch_size, self.acc.num_processes, self.acc.process_index
+        # row layout (micro-batch j, process w, row i) -> this process keeps its slice of each micro-batch
+        return [{k: v.view(self.t.grad_accum_steps, W, b, -1)[j, r].to(self.acc.device) for k, v in rows.items()}
+                for j in range(self.t.grad_accum_steps)]
+
+    # -- one optimizer step ------------------------------------------------------------------------------------
+    def _forward_backward(self, micro: list[dict]) -> dict:
+        acc, memory = self.acc, self.unwrapped.memory
+        local_tokens = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro)
+        n_tokens = acc.reduce(local_tokens.float(), reduction="sum")
+        ce_total, aux_value, pooled, usage = 0.0, 0.0, {}, None
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
+            with nullcontext() if last else acc.no_sync(self.model), acc.autocast():
+                out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
+                ce, _ = token_loss_sums(out.logits, mb["labels"])
+                loss = ce * acc.num_processes / n_tokens  # DDP averages gradients over processes
+                if memory is not None:
+                    for i, x in memory.router_inputs().items():
+                        pooled.setdefault(i, []).append(x)
+                    usage = _add_usage(usage, memory.usage())
+                    if last and pooled:  # router losses once, over the global batch
+                        aux = memory.aux_loss({i: acc.gather(torch.cat(xs)) for i, xs in pooled.items()})
+                        loss = loss + aux
+                        aux_value = aux.item()
+            acc.backward(loss)
+            ce_total += ce.detach()
+        lm = (acc.reduce(torch.as_tensor(ce_total, device=acc.device).float(), reduction="sum") / n_tokens).item()
+        return {"loss": lm, "router_loss": aux_value, "tokens": int(n_tokens.item()), "usage": usage}
+
+    def _step(self) -> dict:
+        result = self._forward_backward(self._next_batch())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.t.grad_clip if self.t.grad_clip is not None else float("inf")
+        norm = self.acc.clip_grad_norm_(params, max_norm)
+        norm = float(norm) if norm is not None else 0.0
+        finite = math.isfinite(result["loss"]) and math.isfinite(result["router_loss"]) and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+            self.state.bad_steps_in_a_row = 0
+        else:
+            self.state.bad_steps_in_a_row += 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += result["tokens"]
+        result.update(grad_norm=norm, skipped=not finite)
+        return result
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        t, s = self.t, self.state
+        bar = tqdm(total=self.total_steps, initial=s.step, disable=not (self.progress and self.acc.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        start, window_tokens, window_t0, usage, last = time.time(), 0, time.time(), None, {}
+        stop_reason = f"max steps ({self.total_steps})"
+        self.model.train()
+        while s.step < self.total_steps:
+            r = self._step()
+            window_tokens += r["tokens"]
+            usage = _add_usage(usage, r["usage"])
+            if r["skipped"]:
+                self._log({"step": s.step, "skipped": True, "loss": r["loss"], "grad_norm": r["grad_norm"]})
+                bar.write(f"step {s.step}: non-finite loss or gradient (loss {r['loss']}, grad norm "
+                          f"{r['grad_norm']}); step skipped")
+                if s.bad_steps_in_a_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"{s.bad_steps_in_a_row} non-finite steps in a row (training.max_bad_steps="
+                        f"{t.max_bad_steps}) at step {s.step}; stopped. Last good checkpoint: "
+                        f"{ckpt.latest_checkpoint(self.run_dir) or 'none'}")
+            if s.step % t.logging_steps == 0 or s.step == self.total_steps:
+                elapsed = time.time() - window_t0
+                last = {"step": s.step, "epoch": s.epoch, "loss": r["loss"], "router_loss": r["router_loss"],
+                        "grad_norm": r["grad_norm"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
+                if usage is not None:
+                    last["router_usage"] = {str(i): c.tolist() for i, c in usage.items()}
+                self._log(last)
+                bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")
+                window_tokens, window_t0, usage = 0, time.time(), None
+            bar.update(1)
+            if t.eval_steps and s.step % t.eval_steps == 0 and self._eval_and_keep_best(probes=["recall_qa"]):
+                stop_reason = f"early stopping (no {t.best_metric} improvement in {t.early_stopping_patience} evals)"
+                break
+            if t.save_steps and s.step % t.save_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        return self._finish(start, stop_reason)
+
+    def _finish(self, start: float, stop_reason: str) -> dict:
+        metrics = self.evaluate()
+        metrics = {"step": self.state.step, **metrics}
+        self._log({**metrics, "eval": True})
+        if self.acc.is_main_process:
+            ckpt.atomic_write_dir(self.run_dir / "final", lambda d: save_model(self.unwrapped, d))
+            from memory_transformer.train.plots import plot_run
+
+            plot_run(self.run_dir)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        wall = time.time() - start
+        summary = {"run_dir": str(self.run_dir), "steps": self.state.step, "wall_time_s": wall, "stop": stop_reason,
+                   **metrics}
+        if self.acc.is_main_process and self.progress:
+            print(f"done: {self.state.step} steps in {wall:.0f}s ({stop_reason}); eval loss "
+                  f"{metrics.get('eval_loss', float('nan')):.4f}; run folder {self.run_dir}")
+        return summary
+
+    # -- evaluation, best model, early stopping ------------------------------------------------------------------
+    def evaluate(self, probes: list[str] | None = None) -> dict:
+        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes)
+        self.model.train()
+        return metrics
+
+    def _eval_and_keep_best(self, probes: list[str]) -> bool:
+        """Evaluate, log, save best/ when the chosen metric improves; True when early stopping says stop."""
+        t, s = self.t, self.state
+        metrics = self.evaluate(probes)
+        self._log({"step": s.step, "eval": True, **metrics})
+        value = metrics.get(t.best_metric)
+        if value is None:
+            raise ConfigError("training.best_metric", f"{t.best_metric!r} is not computed here; "
+                              f"available: {', '.join(metrics)}")
+        sign = -1.0 if lower_is_better(t.best_metric) else 1.0
+        if s.best is None or sign * (value - s.best) > t.early_stopping_threshold:
+            s.best, s.evals_without_improvement = value, 0
+            if self.acc.is_main_process:
+                ckpt.atomic_write_dir(self.run_dir / "best", lambda d: save_model(self.unwrapped, d),
+                                      marker={"step": s.step, t.best_metric: value})
+            self.acc.wait_for_everyone()
+        else:
+            s.evals_without_improvement += 1
+        patience = t.early_stopping_patience
+        return patience is not None and s.evals_without_improvement >= patience
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.acc.is_main_process:
+            ckpt.save_checkpoint(self.run_dir, self.state.step, self._write_checkpoint, self.t.save_total_limit)
+        self.acc.wait_for_everyone()
+
+    def _write_checkpoint(self, d: Path) -> None:
+        save_model(self.unwrapped, d)
+        ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
+        ckpt.save_state_dict_tree(self.scheduler.state_dict(), d / "scheduler")
+        save_file(ckpt.rng_state(), d / "rng.safetensors")
+        (d / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
+
+    def _restore(self, d: Path) -> None:
+        load_weights(self.unwrapped, d)
+        self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=str(self.acc.device)))
+        self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
+        self.state = TrainState(**json.loads((d / "trainer_state.json").read_text()))
+        ckpt.set_rng_state(load_file(d / "rng.safetensors"))
+        if self.acc.is_main_process:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    # -- logging ----------------------------------------------------------------------------------------------------
+    def _log(self, row: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in _flat(row).items() if isinstance(v, (int, float)) and k != "step"}
+        self.acc.log(scalars, step=row["step"])
+
+
+def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
+    if usage is None:
+        return total
+    if total is None:
+        return {i: c.clone() for i, c in usage.items()}
+    return {i: total.get(i, 0) + c for i, c in usage.items()}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}/"))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint: those steps run again."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(cfg: Config, resume: bool | str | None = None, progress: bool = True) -> dict:
+    """Train `cfg` (Python API of `memory-transformer train`); returns the final metrics and run folder."""
+    return Trainer(cfg, resume, progress).train()
