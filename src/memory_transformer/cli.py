@@ -33,7 +33,72 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info}
+def cmd_train(args) -> int:
+    """Train a model from a config; --resume continues the newest checkpoint of the run folder (or PATH)."""
+    from memory_transformer.train.trainer import TrainingError, train
+
+    cfg = _config(args)
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Perplexity on the configured eval data and, on synthetic facts, recall (seen and held-out phrasing)."""
+    from memory_transformer.data import build_data
+    from memory_transformer.evaluate import evaluate
+    from memory_transformer.model import load_model
+    from memory_transformer.train.trainer import make_accelerator
+
+    model = load_model(args.checkpoint, overrides=None if args.config else args.set)
+    cfg = load_config(args.config, args.set) if args.config else model.config
+    acc = make_accelerator()
+    model.to(acc.device)
+    metrics = evaluate(model, model.tokenizer, build_data(cfg, model.tokenizer), acc)
+    if acc.is_main_process:
+        print(json.dumps(metrics) if args.json else "\n".join(f"{k:<26}{v:>14.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    """LR range test: prints the suggested learning rate and saves lr_find.png."""
+    from memory_transformer.train.lr_find import lr_find
+
+    cfg = _config(args)
+    out = args.out or f"{cfg.training.output_dir.rstrip('/')}_lr_find"
+    result = lr_find(cfg, out, args.start, args.end, args.steps)
+    print(f"suggested lr: {result['suggested_lr']:.2e}  (plot: {Path(out) / 'lr_find.png'})")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    """Convert a trained model's memory banks to int8 or int4 storage (for inference)."""
+    from memory_transformer.memory.quant import quantize_model
+    from memory_transformer.model import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
+    model = quantize_model(load_model(args.checkpoint, overrides=args.set), args.bits, args.group_size)
+    model.save_pretrained(out)
+    bank = model.parameter_report()["bytes"]["memory_bank"]
+    print(f"saved int{args.bits} model to {out} (memory bank {bank:,} bytes)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train the vanilla control and the memory model on synthetic facts, evaluate both, compare."""
+    from memory_transformer.demo import run_demo
+
+    run_demo(_config(args), args.out)
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "lr-find": cmd_lr_find,
+            "quantize": cmd_quantize, "demo": cmd_demo}
 
 
 def _config(args) -> Config:
@@ -59,7 +124,36 @@ def _info_args(sp) -> None:
     sp.add_argument("--json", action="store_true", help="print one JSON object {parameters, bytes}")
 
 
-ARGUMENTS = {"info": _info_args}
+def _train_args(sp) -> None:
+    sp.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                    help="continue the newest checkpoint of training.output_dir, or the checkpoint PATH")
+
+
+def _eval_args(sp) -> None:
+    sp.add_argument("--checkpoint", required=True, help="a saved model folder (final/, best/, a checkpoint)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _lr_find_args(sp) -> None:
+    sp.add_argument("--start", type=float, default=1e-6)
+    sp.add_argument("--end", type=float, default=1.0)
+    sp.add_argument("--steps", type=int, default=100)
+    sp.add_argument("--out", help="folder for lr_find.png/json (default: <training.output_dir>_lr_find)")
+
+
+def _quantize_args(sp) -> None:
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    sp.add_argument("--group-size", type=int, default=64, help="int4 values per scale")
+    sp.add_argument("--out", required=True)
+
+
+def _demo_args(sp) -> None:
+    sp.add_argument("--out", help="folder for both runs (default: runs/demo-<time>)")
+
+
+ARGUMENTS = {"info": _info_args, "train": _train_args, "eval": _eval_args, "lr-find": _lr_find_args,
+             "quantize": _quantize_args, "demo": _demo_args}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,26 +43,35 @@ class TrainState:
     tokens: int = 0
 
 
+def make_accelerator(**kwargs):
+    """An Accelerator; without a GPU it runs on the CPU, with gloo across processes under torchrun/launch."""
+    from accelerate import Accelerator
+
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(cpu=not has_gpu and not torch.backends.mps.is_available(), **kwargs)
+
+
 def lower_is_better(metric: str) -> bool:
     return "loss" in metric or "ppl" in metric
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool | str | None = None, progress: bool = True):
-        from accelerate import Accelerator, DistributedDataParallelKwargs
+    def __init__(self, cfg: Config, resume: bool | str | None = None, progress: bool = True, run_dir: bool = True):
+        """`run_dir=False` (the LR finder) trains without a run folder: no config, metrics or checkpoints."""
+        from accelerate import DistributedDataParallelKwargs
 
         self.cfg, self.t = cfg, cfg.training
         self.run_dir = Path(self.t.output_dir)
         self.progress = progress
         trackers = [x for x in self.t.log_with if x != "none"]
-        self.acc = Accelerator(
+        self.acc = make_accelerator(
             mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.t.precision],
             log_with=trackers or None, project_dir=str(self.run_dir),
             # top-k routing leaves most chapters unused in a step: DDP must not wait for their gradients
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        resume_from = self._prepare_run_dir(resume)
-        model = build_model(cfg, seed=self.t.seed)
+        resume_from = self._check_run_dir(resume) if run_dir else None
+        model = build_model(cfg, seed=self.t.seed, for_training=True)
         if self.t.gradient_checkpointing:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = model.tokenizer
@@ -75,6 +84,8 @@ class Trainer:
         self.state = TrainState()
         if resume_from is not None:
             self._restore(resume_from)
+        elif run_dir:  # only now, with model and data known to be good, does the run folder appear
+            self._create_run_dir()
         if trackers:
             self.acc.init_trackers("memory-transformer", config=_flat(cfg.to_dict()))
 
@@ -83,7 +94,8 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     # -- run folder --------------------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool | str | None) -> Path | None:
+    def _check_run_dir(self, resume: bool | str | None) -> Path | None:
+        """The checkpoint to resume from, or None for a new run; refuses to reuse a non-empty folder."""
         d = self.run_dir
         if resume:
             ckpt.clean_stale_temp(d)
@@ -96,11 +108,13 @@ class Trainer:
         if d.exists() and any(d.iterdir()):
             raise ConfigError("training.output_dir", f"{d} already holds a run; continue it with --resume, "
                               "or choose another output_dir (nothing was overwritten)")
-        if self.acc.is_main_process:
-            d.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(d / "config.yaml")
-        self.acc.wait_for_everyone()
         return None
+
+    def _create_run_dir(self) -> None:
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+        self.acc.wait_for_everyone()
 
     def _total_steps(self) -> int:
         if self.t.max_steps is not None:
@@ -226,7 +240,7 @@ class Trainer:
         self.acc.end_training()
         wall = time.time() - start
         summary = {"run_dir": str(self.run_dir), "steps": self.state.step, "wall_time_s": wall, "stop": stop_reason,
-                   **metrics}
+                   "param_counts": self.unwrapped.parameter_report()["parameters"], **metrics}
         if self.acc.is_main_process and self.progress:
             print(f"done: {self.state.step} steps in {wall:.0f}s ({stop_reason}); eval loss "
                   f"{metrics.get('eval_loss', float('nan')):.4f}; run folder {self.run_dir}")

@@ -1,0 +1,229 @@
+"""The trainer: run folder, checkpoints, exact resume after SIGKILL, NaN skipping, param groups, global batch."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memory_transformer import ConfigError, load_config, load_model
+from memory_transformer.train import checkpoint as ckpt
+from memory_transformer.train.trainer import Trainer, TrainingError, train
+
+TINY = {
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_seq_len": 64},
+    "memory": {"num_tokens": 64, "num_chapters": 4, "top_k": 1, "num_heads": 4, "dropout": 0.1},
+    "data": {"num_people": 6, "samples_per_epoch": 24},
+    "training": {"max_steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "logging_steps": 1,
+                 "log_with": ["none"], "save_total_limit": None},
+}
+
+
+def tiny(tmp_path, *overrides: str):
+    return load_config(TINY, [f"training.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def weights(path: Path) -> dict:
+    return load_file(path / "model.safetensors")
+
+
+def test_run_folder_layout_and_final_model(tmp_path):
+    cfg = tiny(tmp_path, "training.eval_steps=4", "training.save_steps=4")
+    summary = train(cfg, progress=False)
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "best", "final", "plots"} <= {p.name for p in run.iterdir()}
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4, 8]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if not r.get("eval")]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert {"loss", "lr", "tokens_per_s", "router_usage", "grad_norm"} <= steps[0].keys()
+    assert set(steps[0]["lr"]) == {"base", "memory_bank", "memory_attention", "router"}
+    assert sum(sum(c) for c in steps[0]["router_usage"].values()) == 2 * 4  # 2 layers x 4 sequences x top-1
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in evals] == [4, 8, 8] and "recall_qa" in evals[0]
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "chapter_usage.png"}
+    assert summary["steps"] == 8 and summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+    model = load_model(run / "final")
+    assert load_config(run / "config.yaml") == cfg
+    x = torch.randint(0, 256, (2, 16))
+    model2 = load_model(run / "checkpoints" / "step-000008")
+    assert torch.equal(model.eval()(x).logits, model2.eval()(x).logits)
+
+
+def test_refuses_to_overwrite_a_run_folder(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=2")
+    train(cfg, progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, progress=False)
+    assert str(e.value) == (f"training.output_dir: {tmp_path / 'run'} already holds a run; continue it with "
+                            "--resume, or choose another output_dir (nothing was overwritten)")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_bad_data_fails_before_the_run_folder_exists(tmp_path):
+    cfg = tiny(tmp_path, f"data.source={tmp_path / 'missing.jsonl'}")
+    with pytest.raises(ConfigError, match="data.path: file not found"):
+        Trainer(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_retention_keeps_newest(tmp_path):
+    train(tiny(tmp_path, "training.save_steps=2", "training.save_total_limit=2"), progress=False)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [6, 8]
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, "training.save_steps=2", "training.max_steps=4"), progress=False)
+    real = ckpt.save_state_dict_tree
+    calls = []
+
+    def flaky(obj, path):
+        calls.append(path)
+        if len(calls) == 3:  # the optimizer state of the second checkpoint
+            raise OSError("disk full")
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_state_dict_tree", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
+    load_model(ckpt.latest_checkpoint(tmp_path / "run"))  # intact
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, "training.max_bad_steps=2", "training.save_steps=2"), progress=False)
+    real = trainer._forward_backward
+
+    def poisoned(micro):
+        out = real(micro)
+        if trainer.state.step in (2, 4, 5):  # 0-based step about to run: steps 3, 5, 6
+            out["loss"] = float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "_forward_backward", poisoned)
+    before = {}
+
+    def snapshot(step):
+        before[step] = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+
+    with pytest.raises(TrainingError) as e:
+        real_step = trainer._step
+
+        def step():
+            snapshot(trainer.state.step)
+            return real_step()
+
+        monkeypatch.setattr(trainer, "_step", step)
+        trainer.train()
+    assert str(e.value).startswith("2 non-finite steps in a row (training.max_bad_steps=2) at step 6; stopped.")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [3, 5, 6]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2, 4]
+    after_skip = before[3]  # parameters before step 4 == after step 3 (skipped) == before step 3
+    assert all(torch.equal(a, b) for a, b in zip(before[2], after_skip))
+
+
+def test_param_groups_get_their_learning_rates(tmp_path):
+    cfg = tiny(tmp_path, "training.lr={base: 0.001, memory_bank: 0.01, router: 0.0001}",
+               "training.weight_decay={base: 0.1, memory_bank: 0.0}", "training.warmup_steps=0",
+               "training.schedule=constant")
+    trainer = Trainer(cfg, progress=False)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert {n: g["lr"] for n, g in groups.items()} == {"base": 0.001, "memory_bank": 0.01, "memory_attention": 0.001,
+                                                       "router": 0.0001}
+    assert {n: g["weight_decay"] for n, g in groups.items()} == {"base": 0.1, "memory_bank": 0.0,
+                                                                 "memory_attention": 0.1, "router": 0.1}
+    model = trainer.unwrapped
+    assert {id(p) for p in groups["memory_bank"]["params"]} == {id(p) for p in model.memory.banks.parameters()}
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_router_losses_see_the_global_batch(tmp_path):
+    """batch 8 in one micro-batch == batch 4 x 2 accumulation steps (with per-micro-batch router statistics the
+    load-balance term would differ)."""
+    common = ["memory.dropout=0.0", "memory.router_loss.load_balance=1.0", "training.max_steps=3"]
+    a = train(tiny(tmp_path / "a", *common, "training.batch_size=8"), progress=False)
+    b = train(tiny(tmp_path / "b", *common, "training.batch_size=4", "training.grad_accum_steps=2"), progress=False)
+    rows = [[json.loads(x) for x in (p / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' not in x]
+            for p in (tmp_path / "a", tmp_path / "b")]
+    for ra, rb in zip(*rows):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+        assert ra["router_loss"] == pytest.approx(rb["router_loss"], abs=1e-6)
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "memory_transformer", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    load_config(TINY, ["training.max_steps=12", "training.save_steps=2"]).save(cfg_file)
+    ref = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'ref'}")
+    victim = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}")
+    kill_at = random.Random(os.getpid()).choice([2, 4, 6, 8])
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        done = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
+        if done and done[-1] >= kill_at:
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "run" / "final").exists(), "the run finished before it could be killed"
+    resumed = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    a, b = weights(tmp_path / "ref" / "final"), weights(tmp_path / "run" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' not in x]
+    assert steps == list(range(1, 13))  # rows after the checkpoint were dropped and logged again once
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    cfg = tiny(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, resume=True, progress=False)
+    assert str(e.value) == f"--resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    load_config(TINY, ["memory.dropout=0.0", "training.max_steps=4"]).save(cfg_file)
+    one = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'one'}",
+               "--set", "training.batch_size=8")
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          "-m", "memory_transformer", "train", "--config", str(cfg_file),
+                          "--set", f"training.output_dir={tmp_path / 'two'}", "--set", "training.batch_size=4"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if '"eval"' not in x]
+
+    a, b = losses("one"), losses("two")
+    assert len(a) == len(b) == 4
+    assert all(abs(x - y) <= 1e-5 for x, y in zip(a, b)), (a, b)
+
+
+def test_lr_find_suggests_a_rate_and_plots(tmp_path):
+    from memory_transformer.train.lr_find import lr_find
+
+    result = lr_find(tiny(tmp_path), tmp_path / "lr", 1e-5, 1.0, steps=20, progress=False)
+    assert 1e-5 <= result["suggested_lr"] <= 1.0
+    assert len(result["lr"]) == len(result["loss"]) <= 20
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 1000
+    assert not (tmp_path / "run").exists()
