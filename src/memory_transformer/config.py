@@ -65,7 +65,7 @@ class MemoryConfig:
     qkv_rank: int | None = None  # rank of low-rank Q/K/V projections; null = full rank
     wo_init: Literal["zero", "normal"] = "zero"
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
-    routing: Literal["sequence"] = "sequence"
+    routing: Literal["sequence", "token"] = "sequence"  # training: one chapter choice per sequence, or per token
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
     dropout: float = 0.0
@@ -128,11 +128,26 @@ class TrainingConfig:
 
 
 @dataclass
+class InferenceConfig:
+    # sequence: route once on the prompt; rolling: re-route on the last `rolling_window` tokens while generating
+    # (the prompt on its last W); token: every token picks its own chapters; hybrid: sequence for the prompt,
+    # rolling while generating.
+    routing: Literal["sequence", "rolling", "token", "hybrid"] = "sequence"
+    rolling_window: int = 32
+    max_new_tokens: int = 64
+    greedy: bool = True  # false = sample with temperature / top_k / top_p
+    temperature: float = 1.0
+    top_k: int | None = None  # sampling: keep the k most likely tokens; null = all
+    top_p: float = 1.0  # sampling: nucleus mass
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -285,6 +300,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"
         )
+    _check_inference(cfg.inference)
     for tracker in t.log_with:
         if tracker not in ("tensorboard", "wandb", "trackio", "none"):
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
@@ -329,6 +345,17 @@ def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
     if mem.quantization == "int4" and (m.pretrained is None or mem.bank != "standard") and row % mem.quant_group_size:
         raise ConfigError("memory.quant_group_size",
                           f"must divide the bank row width ({row}) for int4 quantization, got {mem.quant_group_size}")
+
+
+def _check_inference(inf: InferenceConfig) -> None:
+    _positive("inference.rolling_window", inf.rolling_window)
+    _positive("inference.max_new_tokens", inf.max_new_tokens)
+    if inf.top_k is not None:
+        _positive("inference.top_k", inf.top_k)
+    if inf.temperature <= 0.0:
+        raise ConfigError("inference.temperature", f"must be > 0 (use inference.greedy for argmax), got {inf.temperature}")
+    if not 0.0 < inf.top_p <= 1.0:
+        raise ConfigError("inference.top_p", f"must be in (0, 1], got {inf.top_p}")
 
 
 def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:

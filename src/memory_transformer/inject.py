@@ -31,6 +31,7 @@ from memory_transformer.config import MemoryConfig, bank_groups
 from memory_transformer.memory.attention import MemoryAttention, Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.router import chapter_usage, router_losses
+from memory_transformer.memory.strategies import GenerationRouting
 
 
 def decoder_layers(base: nn.Module) -> nn.ModuleList:
@@ -56,11 +57,12 @@ class MemoryBlock(nn.Module):
 
 
 class RuntimeState:
-    """Per-forward state shared by the hooks: the padding mask, frozen routing for generation, router stats."""
+    """Per-forward state shared by the hooks: the padding mask, the generation routing strategy, router stats."""
 
     def __init__(self):
         self.attention_mask: torch.Tensor | None = None
-        self.freeze_routing = False  # generation: route once on the prompt, then reuse
+        self.past_length = 0  # generation: positions already in the KV cache before this forward
+        self.generation: GenerationRouting | None = None  # set by MemoryModel.generate for one call
         self.routing: dict[int, Routing] = {}  # layer index -> last routing decision
 
 
@@ -87,7 +89,7 @@ class MemoryStack(nn.Module):
     def _block(self, d: int, width: int, eps: float) -> MemoryBlock:
         c = self.cfg
         attn = MemoryAttention(d, width, c.num_heads, c.num_chapters, c.top_k, c.qkv_rank, c.wo_init,
-                               c.dropout, eps, c.init_std)
+                               c.dropout, eps, c.init_std, c.routing)
         return MemoryBlock(attn)
 
     def add_variant_b_mlps(self, layers: nn.ModuleList) -> None:
@@ -108,7 +110,7 @@ class MemoryStack(nn.Module):
         layers = decoder_layers(base)
         if self.cfg.block_variant == "B" and self.blocks[str(self.layer_ids[0])].mlp is None:
             self.add_variant_b_mlps(layers)
-        self._handles.append(base.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        self._handles.append(base.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
         for i in self.layer_ids:
             stash: dict = {}
             layer = layers[i]
@@ -120,8 +122,11 @@ class MemoryStack(nn.Module):
             h.remove()
         self._handles.clear()
 
-    def _capture_mask(self, module, args, kwargs):
+    def _capture_inputs(self, module, args, kwargs):
         self.state.attention_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        if self.state.generation is not None:
+            self.state.past_length = cache.get_seq_length() if cache is not None else 0
 
     def _pre_norm(self, i: int, stash: dict):
         def hook(module, args):
@@ -150,12 +155,13 @@ class MemoryStack(nn.Module):
     def _read(self, i: int, h: torch.Tensor) -> torch.Tensor:
         attn = self.blocks[str(i)].attn
         bank = self.banks[self.bank_of[i]]
-        frozen = self.state.routing.get(i) if self.state.freeze_routing else None
+        gen = self.state.generation
+        plan = gen.plan(i, attn, self.state.past_length) if gen is not None else None  # None: attn's own routing
         mask = self._mask_for(h)
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            out, routing = checkpoint(attn, h, bank, frozen, mask, use_reentrant=False)
+            out, routing = checkpoint(attn, h, bank, plan, mask, use_reentrant=False)
         else:
-            out, routing = attn(h, bank, frozen, mask)
+            out, routing = attn(h, bank, plan, mask)
         self.state.routing[i] = routing
         return out.to(h.dtype)
 
@@ -167,7 +173,8 @@ class MemoryStack(nn.Module):
 
     # -- router statistics ----------------------------------------------------------------------------------
     def router_inputs(self) -> dict[int, torch.Tensor]:
-        """Detached pooled router inputs (B, d) per memory layer, from the last forward."""
+        """Detached router inputs per memory layer, from the last forward: pooled (B, d) with sequence routing,
+        the N real (non-padding) tokens (N, d) with token routing."""
         return {i: r.pooled for i, r in self.state.routing.items() if r.pooled is not None}
 
     def aux_loss(self, pooled: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -186,7 +193,7 @@ class MemoryStack(nn.Module):
 
     def usage(self) -> dict[int, torch.Tensor]:
         """Chapter counts (C,) per memory layer from the last forward, for logging."""
-        return {i: chapter_usage(r.ids, self.cfg.num_chapters).cpu() for i, r in self.state.routing.items()}
+        return {i: chapter_usage(r.ids, self.cfg.num_chapters, r.mask).cpu() for i, r in self.state.routing.items()}
 
     def clear_cache(self) -> None:
         for block in self.blocks.values():

@@ -21,6 +21,7 @@ from memory_transformer.config import Config, ConfigError, load_config, resolve_
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
 from memory_transformer.memory.quant import BITS
+from memory_transformer.memory.strategies import GenerationRouting
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,18 +75,31 @@ class MemoryModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, *args, **kwargs):
-        """`transformers` generate; with sequence routing the chapters are chosen on the prompt and kept."""
+    def generate(self, *args, routing: str | None = None, **kwargs):
+        """`transformers` generate (KV cache, batching with left padding). Arguments not given take their
+        `inference` defaults (max_new_tokens, greedy or temperature/top_k/top_p sampling). `routing` picks how
+        memory chapters are chosen: sequence | rolling | token | hybrid (default `inference.routing`; see
+        memory/strategies.py)."""
+        kwargs = {**self._generation_defaults(kwargs), **kwargs}
         if self.memory is None:
             return self.base.generate(*args, **kwargs)
+        inf = self.config.inference
         state = self.memory.state
         state.routing.clear()
-        state.freeze_routing = True
+        state.generation = GenerationRouting(routing or inf.routing, inf.rolling_window)
         try:
             return self.base.generate(*args, **kwargs)
         finally:
-            state.freeze_routing = False
+            state.generation = None
             state.routing.clear()
+
+    def _generation_defaults(self, given: dict) -> dict:
+        inf = self.config.inference
+        out = {} if "max_length" in given else {"max_new_tokens": inf.max_new_tokens}
+        out["do_sample"] = given.get("do_sample", not inf.greedy)
+        if out["do_sample"]:  # top_k 0 = no top-k filter in transformers
+            out.update(temperature=inf.temperature, top_k=inf.top_k or 0, top_p=inf.top_p)
+        return out
 
     def parameter_report(self) -> dict[str, dict[str, int]]:
         """Parameters and bytes per component, plus total and trainable. A quantized bank counts its stored

@@ -26,7 +26,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) logits -> gates (B, k) = softmax probabilities of the chosen chapters, ids (B, k)."""
+    """(..., C) logits -> gates (..., k) = softmax probabilities of the chosen chapters, ids (..., k)."""
     probs = logits.softmax(dim=-1)
     gates, ids = probs.topk(k, dim=-1)
     return gates, ids
@@ -52,6 +52,9 @@ def router_losses(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     }
 
 
-def chapter_usage(ids: torch.Tensor, num_chapters: int) -> torch.Tensor:
-    """How many routing choices went to each chapter: (C,) counts."""
+def chapter_usage(ids: torch.Tensor, num_chapters: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """How many routing choices went to each chapter: (C,) counts. ids (B, k) per sequence, or (B, T, k) per
+    token with mask (B, T) leaving padding tokens out."""
+    if mask is not None and ids.dim() == 3:
+        ids = ids[mask.bool()]  # (N, k) for the N real tokens
     return torch.bincount(ids.reshape(-1), minlength=num_chapters)
