@@ -47,6 +47,14 @@ ERRORS = [
     ({"memory": {"sharing": "some"}}, "memory.sharing: got 'some'; allowed: shared, per_layer, every:K"),
     ({"training": {}}, "training.max_steps: set training.max_steps or training.num_epochs"),
     ({"model": {"hidden_size": 30}}, "model.num_heads: must divide model.hidden_size (30), got 4"),
+    ({"memory": {"routing": "chapter"}}, "memory.routing: got 'chapter'; allowed: sequence | token"),
+    ({"inference": {"routing": "random"}}, "inference.routing: got 'random'; allowed: sequence | rolling | token | hybrid"),
+    ({"inference": {"rolling_window": 0}}, "inference.rolling_window: must be a positive integer, got 0"),
+    ({"inference": {"max_new_tokens": -1}}, "inference.max_new_tokens: must be a positive integer, got -1"),
+    ({"inference": {"top_k": 0}}, "inference.top_k: must be a positive integer, got 0"),
+    ({"inference": {"temperature": 0.0}}, "inference.temperature: must be > 0 (use inference.greedy for argmax), got 0.0"),
+    ({"inference": {"top_p": 1.5}}, "inference.top_p: must be in (0, 1], got 1.5"),
+    ({"inference": {"window": 8}}, "inference.window: unknown key (did you mean 'inference.rolling_window'?); allowed: "),
 ]
 
 

@@ -1,0 +1,252 @@
+"""Token-level routing (MoE-style dispatch) and the generation routing strategies (sequence, rolling, token, hybrid)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memory_transformer import build_model
+from memory_transformer.memory import attention as attention_module
+from memory_transformer.memory.attention import MemoryAttention, Routing
+from memory_transformer.memory.bank import MemoryBank
+from memory_transformer.memory.router import top_k
+from memory_transformer.memory.strategies import STRATEGIES, window_means
+from conftest import ARCHS, MEMORY_CASES, tiny_config
+
+GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}  # 8 tokens: no early end of sequence
+
+
+def _ids(b=1, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (b, t), generator=g)
+
+
+def _layer(C: int, k: int, S: int = 8, d: int = 32, H: int = 4):
+    torch.manual_seed(0)
+    attn = MemoryAttention(d, d, H, C, k, wo_init="normal", routing="token")
+    torch.nn.init.normal_(attn.router.proj.weight, std=0.5)  # decisive, varied choices
+    return attn, MemoryBank(C * S, C, d)
+
+
+def _concatenation_reference(attn: MemoryAttention, bank: MemoryBank, h: torch.Tensor) -> torch.Tensor:
+    """Token by token: attend to the concatenation of the token's own k chapters, log(renormalised gate) added
+    to the scores of each chapter's slots (the sequence-routing `bias`), then the same g / g.detach() factor."""
+    B, T, _ = h.shape
+    H, hd = attn.num_heads, attn.width // attn.num_heads
+    x = attn.norm(h)
+    gates, ids = top_k(attn.router(x), attn.top_k)  # (B, T, k)
+    q = attn.q(x)
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            slots = bank.read(ids[b, t].tolist())  # (k, S, w)
+            K = attn.k(slots).reshape(-1, H, hd).transpose(0, 1)  # (H, k*S, h)
+            V = attn.v(slots).reshape(-1, H, hd).transpose(0, 1)
+            g = gates[b, t] / gates[b, t].sum()
+            bias = g.log().repeat_interleave(slots.shape[1])  # (k*S,)
+            rows.append(F.scaled_dot_product_attention(q[b, t].view(H, 1, hd), K, V, attn_mask=bias).reshape(-1))
+    out = attn.o(torch.stack(rows).view(B, T, -1))
+    g = gates.sum(-1)
+    return out * (g / g.detach())[..., None]
+
+
+@pytest.mark.parametrize("C,k", [(4, 1), (4, 2), (8, 3), (16, 2)])
+def test_token_routing_equals_attending_the_concatenation_of_own_chapters(C, k):
+    attn, bank = _layer(C, k)
+    h = torch.randn(2, 7, 32, requires_grad=True)
+    weight = torch.randn(2, 7, 32)  # a loss that weighs every output differently
+    out, routing = attn(h, bank)
+    assert routing.ids.shape == (2, 7, k) and routing.ids.flatten().unique().numel() > k  # tokens disagree
+    ref = _concatenation_reference(attn, bank, h)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    names, params = zip(("h", h), *bank.named_parameters(), *attn.named_parameters())
+    grads = torch.autograd.grad((out * weight).sum(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), params, allow_unused=True)
+    for name, g, r in zip(names, grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    got = dict(zip(names, grads))
+    assert got["h"].abs().sum() > 0 and got["router.proj.weight"].abs().sum() > 0
+    unselected = set(range(C)) - set(routing.ids.flatten().tolist())
+    assert all(got[f"chapters.{c}"] is None for c in unselected)
+
+
+@pytest.mark.parametrize("C", [4, 64])
+def test_token_routing_cost_does_not_grow_with_chapters(C, monkeypatch):
+    k, S, H, B, T = 2, 8, 4, 2, 6
+    attn, bank = _layer(C, k, S=S, H=H)
+    scores, projected = [], []
+    real_attend, real_read = attention_module.attend_with_lse, bank.read
+
+    def attend(q, K, V, dropout=0.0):
+        scores.append(q.shape[0] * K.shape[0] * K.shape[1])  # n queries x H heads x S slots
+        return real_attend(q, K, V, dropout)
+
+    monkeypatch.setattr(attention_module, "attend_with_lse", attend)
+    monkeypatch.setattr(bank, "read", lambda ids: projected.extend(ids) or real_read(ids))
+    out, routing = attn(torch.randn(B, T, 32), bank)
+    chosen = routing.ids.unique().tolist()
+    assert sorted(projected) == chosen  # each selected chapter projected once, no other
+    assert len(projected) <= B * T * k  # 24: bounded by the choices, not by C
+    assert sum(scores) == B * T * k * H * S  # every token scores exactly its k*S slots, per head
+    assert len(scores) == len(chosen)  # one attention call per selected chapter
+
+
+def _record(model) -> list[dict[int, Routing]]:
+    """The routing decisions of every base forward (one per generation step)."""
+    log = []
+    model.base.register_forward_hook(lambda *_: log.append(dict(model.memory.state.routing)))
+    return log
+
+
+def _model(arch="llama", k=2, C=8, window=4, **memory):
+    cfg = tiny_config(arch, memory={"num_chapters": C, "top_k": k, **memory}, inference={"rolling_window": window})
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a memory loud enough to change greedy tokens, decisive routers
+        for block in model.memory.blocks.values():
+            if block.attn.router is not None:
+                torch.nn.init.normal_(block.attn.router.proj.weight, std=0.5)
+            torch.nn.init.normal_(block.attn.o.weight, std=0.1)
+        for p in model.memory.banks.parameters():
+            p.mul_(25.0)  # std 0.02 -> 0.5
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("C,k", [(8, 1), (8, 2), (1, 1)])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_greedy_generation_with_kv_cache_equals_without(arch, C, k, strategy):
+    model = _model(arch, k, C)
+    x = _ids(1, 12)
+    cached = model.generate(x, **GREEDY, routing=strategy)
+    full = model.generate(x, **GREEDY, routing=strategy, use_cache=False)
+    assert cached.shape == (1, 20)
+    assert cached.tolist() == full.tolist()
+
+
+def test_strategies_route_as_specified():
+    model = _model(C=8, k=1, window=2)
+    log = _record(model)
+    tokens = {}
+    for strategy in STRATEGIES:
+        log.clear()
+        tokens[strategy] = model.generate(_ids(1, 12), **GREEDY, routing=strategy).tolist()
+        prompt, steps = log[0], log[1:]
+        assert len(steps) == 7
+        if strategy == "token":
+            assert all(r.ids.shape == (1, 12, 1) for r in prompt.values())
+            assert all(r.ids.shape == (1, 1, 1) for s in steps for r in s.values())
+        else:
+            assert all(r.ids.shape == (1, 1) for r in prompt.values())  # one decision for the prompt
+        if strategy == "sequence":
+            assert all(s[i] is prompt[i] for s in steps for i in s)  # frozen: the very same decision
+        if strategy in ("rolling", "hybrid"):  # re-routed while generating: chapters change
+            assert any(not torch.equal(s[i].ids.flatten(), prompt[i].ids.flatten()) for s in steps for i in s)
+    assert len({str(t) for t in tokens.values()}) == len(STRATEGIES)  # the memory, so the routing, shows in the tokens
+
+
+def test_rolling_prompt_is_routed_on_its_last_window_and_hybrid_on_all_of_it():
+    model = _model(C=8, k=1, window=3, layers=[0])
+    attn = model.memory.blocks["0"].attn
+    seen = []
+    attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))  # h (B, T, d) of each call
+    log = _record(model)
+    x = _ids(1, 12)
+    for strategy in ("rolling", "hybrid"):
+        seen.clear(), log.clear()
+        model.generate(x, max_new_tokens=2, do_sample=False, routing=strategy)
+        xs = attn.norm(seen[0])  # the prompt, normalised: (1, 12, d)
+        pooled = xs[:, -3:].mean(1) if strategy == "rolling" else xs.mean(1)
+        assert torch.equal(log[0][0].ids, attn.router(pooled).topk(1).indices)
+
+
+def test_window_means_count_only_real_positions():
+    x = torch.arange(1.0, 7.0).view(1, 6, 1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert window_means(x, mask, 3).flatten().tolist() == [3.0, 3.5, 4.0, 5.0]
+
+
+def _left_pad(prompts, pad):
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.cat([F.pad(p, (width - p.shape[1], 0), value=pad) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - p.shape[1] for p in prompts]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batched_left_padded_generation_equals_one_at_a_time(arch, strategy):
+    model = _model(arch, k=2)
+    prompts = [_ids(1, 12, 1), _ids(1, 7, 2), _ids(1, 3, 3)]
+    ids, mask = _left_pad(prompts, model.tokenizer.pad_token_id)
+    batch = model.generate(ids, attention_mask=mask, **GREEDY, routing=strategy)
+    for row, p in zip(batch, prompts):
+        alone = model.generate(p, **GREEDY, routing=strategy)
+        assert row[ids.shape[1]:].tolist() == alone[0, p.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_memory_kv_is_projected_once_per_generate_not_per_token(strategy, monkeypatch):
+    model = _model(k=2, window=2, layers=[0, 2])  # one shared bank read by two layers
+    bank = model.memory.banks[0]
+    reads, requests = [], {0: [], 2: []}
+    real_read = bank.read
+    monkeypatch.setattr(bank, "read", lambda ids: reads.extend(ids) or real_read(ids))
+    for i in requests:
+        attn = model.memory.blocks[str(i)].attn
+        real = attn.project_kv
+        monkeypatch.setattr(attn, "project_kv", lambda b, ids, real=real, i=i: requests[i].append(list(ids)) or real(b, ids))
+    model.memory.clear_cache()
+    model.generate(_ids(1, 12), **GREEDY, routing=strategy)
+    distinct = sum(len({c for ids in calls for c in ids}) for calls in requests.values())  # per layer: own K/V
+    assert all(len(calls) == 8 for calls in requests.values())  # prompt + 7 steps, each asks for its chapters
+    assert len(reads) == distinct  # but each (layer, chapter) was projected once
+    reads.clear()
+    model.generate(_ids(1, 12), **GREEDY, routing=strategy)
+    assert reads == []  # unchanged parameters: the same chapters come from the cache
+
+
+@pytest.mark.parametrize("arch,case", [(a, c) for a in ARCHS for c in MEMORY_CASES])
+def test_training_with_token_routing(arch, case):
+    model = build_model(tiny_config(arch, memory={**MEMORY_CASES[case], "routing": "token"})).train()
+    x = _ids(2, 12)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding in row 1: 19 real tokens
+    out = model(x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    k = model.config.memory.top_k
+    for b, bank in enumerate(model.memory.banks):
+        selected = set()
+        for layer, routing in model.memory.state.routing.items():
+            if model.memory.bank_of[layer] == b:
+                selected |= set(routing.ids.flatten().tolist())
+        for c, p in enumerate(bank.chapters):
+            assert (p.grad is not None) == (c in selected), f"bank {b} chapter {c}"
+            assert p.grad is None or torch.isfinite(p.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if model.config.memory.num_chapters > 1:  # router statistics see the 19 real tokens only
+        assert all(x.shape == (19, 32) for x in model.memory.router_inputs().values())
+        assert all(u.sum() == 19 * k for u in model.memory.usage().values())
+        assert all(block.attn.router.proj.weight.grad is not None for block in model.memory.blocks.values())
+
+
+def test_token_routing_with_gradient_checkpointing_gives_same_gradients():
+    cfg = tiny_config(memory={"routing": "token"})
+    ref, ckpt = build_model(cfg), build_model(tiny_config(memory={"routing": "token", "gradient_checkpointing": True}))
+    ckpt.load_state_dict(ref.state_dict())
+    x = _ids(2, 12)
+    ref(x, labels=x).loss.backward()
+    ckpt(x, labels=x).loss.backward()
+    for (n, p), q in zip(ref.named_parameters(), ckpt.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_generate_rejects_unknown_routing_and_uses_inference_defaults():
+    model = _model()
+    with pytest.raises(ValueError, match="routing: got 'sideways'; allowed: sequence | rolling | token | hybrid"):
+        model.generate(_ids(), routing="sideways")
+    n = model.config.inference.max_new_tokens
+    assert model.generate(_ids(1, 5), min_new_tokens=n).shape == (1, 5 + n)
