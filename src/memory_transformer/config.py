@@ -94,7 +94,20 @@ class DataConfig:
 
 @dataclass
 class LRConfig:
-    base: float | None = None
+    """Learning rate per component; null = the `base` value."""
+
+    base: float = 1e-3
+    memory_bank: float | None = None
+    memory_attention: float | None = None  # also variant B's memory MLP
+    router: float | None = None
+    lora: float | None = None
+
+
+@dataclass
+class WeightDecayConfig:
+    """Weight decay per component; null = the `base` value."""
+
+    base: float = 0.0
     memory_bank: float | None = None
     memory_attention: float | None = None
     router: float | None = None
@@ -109,7 +122,7 @@ class TrainingConfig:
     batch_size: int = 8
     grad_accum_steps: int = 1
     lr: Union[float, LRConfig] = 1e-3
-    weight_decay: Union[float, LRConfig] = 0.0
+    weight_decay: Union[float, WeightDecayConfig] = 0.0
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

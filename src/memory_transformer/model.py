@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memory_transformer.config import Config, ConfigError, load_config, resolve_layers
 from memory_transformer.data.tokenizer import load_tokenizer
@@ -39,6 +42,14 @@ def component_of(name: str) -> str:
             return "router"
         return "memory_attention" if ".attn." in name else "memory_mlp"
     return "base"
+
+
+@dataclass
+class MemoryLMOutput(CausalLMOutputWithPast):
+    """The base model's output; with labels and router losses, `loss = lm_loss + router_loss`."""
+
+    lm_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
 
 
 class MemoryModel(nn.Module):
@@ -65,13 +76,12 @@ class MemoryModel(nn.Module):
         """Like the base model's forward. With labels, `.loss` includes the router losses of this batch unless
         `router_aux=False` (the trainer adds them once over the global batch instead)."""
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        if self.memory is not None:
-            out["router_usage"] = self.memory.usage()
-            if labels is not None and router_aux:
-                aux = self.memory.aux_loss()
-                if aux is not None:
-                    out["lm_loss"] = out.loss
-                    out.loss = out.loss + aux
+        out = MemoryLMOutput(**out)
+        if self.memory is not None and labels is not None and router_aux:
+            out.router_loss = self.memory.aux_loss()
+            if out.router_loss is not None:
+                out.lm_loss = out.loss
+                out.loss = out.loss + out.router_loss
         return out
 
     @torch.no_grad()
@@ -240,22 +250,26 @@ def load_model(directory: str | Path, device: str | torch.device | None = None, 
     src = Path(directory)
     if not (src / "config.yaml").is_file():
         raise ConfigError("", f"{src}: not a saved model (no config.yaml)")
-    cfg = load_config(src / "config.yaml", overrides)
-    if (src / ADAPTER_WEIGHTS).is_file():
-        model = build_model(cfg, device=device)
-        _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src)
-        missing = set(trained_state(model)) - set(load_file(src / ADAPTER_WEIGHTS))
-        if missing:
-            raise ConfigError("", f"{src / ADAPTER_WEIGHTS}: missing weights {sorted(missing)[:3]}")
-        model.load_state_dict(load_file(src / ADAPTER_WEIGHTS, device=str(model.device)), strict=False)
-    else:
-        from safetensors.torch import load_model as st_load_model
-
-        model = build_model(cfg, device=device)
-        st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
+    model = build_model(load_config(src / "config.yaml", overrides), device=device)
+    load_weights(model, src)
     if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():
         model.tokenizer = load_tokenizer(str(src))
     return model
+
+
+def load_weights(model: MemoryModel, src: Path) -> None:
+    """Load the weights saved in `src` (full model or adapter) into an already built `model`."""
+    if (src / ADAPTER_WEIGHTS).is_file():
+        _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src)
+        weights = load_file(src / ADAPTER_WEIGHTS, device=str(model.device))
+        missing = set(trained_state(model)) - set(weights)
+        if missing:
+            raise ConfigError("", f"{src / ADAPTER_WEIGHTS}: missing weights {sorted(missing)[:3]}")
+        model.load_state_dict(weights, strict=False)
+    else:
+        from safetensors.torch import load_model as st_load_model
+
+        st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
 
 
 def _check_adapter_base(model: MemoryModel, info: dict, src: Path) -> None:
