@@ -44,7 +44,7 @@ class Routing:
     logits: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    _chapters: tuple[list[int], torch.Tensor] | None = field(default=None, repr=False)
+    _chapters: tuple[list[int], torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def chapters(self) -> tuple[list[int], torch.Tensor]:
         """The distinct chapters as a list (U,) and each choice's index into it (same shape as ids). Computed
