@@ -21,6 +21,7 @@ MEMORY_CASES = {
 
 
 def tiny_config(arch: str = "llama", memory: dict | None = None, **sections):
+    """Tiny sizes; `sections` update the other config sections (e.g. model={...}, lora={...})."""
     raw = {
         "model": {"arch": arch, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
                   "intermediate_size": 64, "max_seq_len": 64},

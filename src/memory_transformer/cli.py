@@ -30,6 +30,29 @@ def cmd_info(args) -> int:
     print(f"{'component':<18}{'parameters':>14}{'bytes':>16}   (dtype {dtype})")
     for name, n in report["parameters"].items():
         print(f"{name:<18}{n:>14,}{report['bytes'][name]:>16,}")
+    if model.memory is not None:
+        from memory_transformer.model import matching_lora_rank
+
+        r, n = matching_lora_rank(model)
+        print(f"LoRA rank with the memory's trainable parameters (targets {','.join(model.config.lora.target_modules)}):"
+              f" lora.r={r} ({n:,} parameters)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Generate text from prompt(s); a single prompt is streamed as it is produced."""
+    from memory_transformer.generate import generate_cli
+
+    return generate_cli(args)
+
+
+def cmd_export(args) -> int:
+    """Export a trained model: --merge-lora (fold LoRA into the base, keep memory), --memory-only (the memory
+    weights alone, adapter layout), or --hf (a plain transformers folder; models without memory only)."""
+    from memory_transformer.export import export
+
+    export(args.checkpoint, args.out, merge_lora=args.merge_lora, memory_only=args.memory_only, hf=args.hf)
+    print(f"exported to {args.out}")
     return 0
 
 
@@ -97,8 +120,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "lr-find": cmd_lr_find,
-            "quantize": cmd_quantize, "demo": cmd_demo}
+COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "lr-find": cmd_lr_find,
+            "quantize": cmd_quantize, "export": cmd_export, "demo": cmd_demo}
 
 
 def _config(args) -> Config:
@@ -148,12 +171,34 @@ def _quantize_args(sp) -> None:
     sp.add_argument("--out", required=True)
 
 
+def _generate_args(sp) -> None:
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--prompt", action="append", default=[], help="repeatable")
+    sp.add_argument("--prompt-file", help="one prompt per line")
+    sp.add_argument("--max-new-tokens", type=int)
+    sp.add_argument("--temperature", type=float)
+    sp.add_argument("--top-k", type=int)
+    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--greedy", action="store_true")
+    sp.add_argument("--routing", choices=["sequence", "rolling", "token", "hybrid"])
+    sp.add_argument("--batch-size", type=int, default=8)
+
+
+def _export_args(sp) -> None:
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    kind = sp.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--merge-lora", action="store_true")
+    kind.add_argument("--memory-only", action="store_true")
+    kind.add_argument("--hf", action="store_true")
+
+
 def _demo_args(sp) -> None:
     sp.add_argument("--out", help="folder for both runs (default: runs/demo-<time>)")
 
 
 ARGUMENTS = {"info": _info_args, "train": _train_args, "eval": _eval_args, "lr-find": _lr_find_args,
-             "quantize": _quantize_args, "demo": _demo_args}
+             "quantize": _quantize_args, "demo": _demo_args, "generate": _generate_args, "export": _export_args}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,19 @@ class MemoryConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA through `peft` (the baseline to compare memory with, or combined with it). Implies a frozen base."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic_facts"  # synthetic_facts | a local file (.txt/.jsonl/.parquet) | hf:<dataset name>
     num_people: int = 60
@@ -158,6 +171,7 @@ class InferenceConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -301,6 +315,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.num_kv_heads", f"must divide model.num_heads ({m.num_heads}), got {kv}")
     if mem.enabled:
         _check_memory(mem, m)
+    if cfg.lora.enabled:
+        _positive("lora.r", cfg.lora.r)
+        if not cfg.lora.target_modules:
+            raise ConfigError("lora.target_modules", "must name at least one module (e.g. q_proj, v_proj)")
     _positive("training.batch_size", t.batch_size)
     _positive("training.grad_accum_steps", t.grad_accum_steps)
     if t.max_steps is not None:

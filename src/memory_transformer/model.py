@@ -201,9 +201,56 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     freeze = cfg.model.freeze_base if cfg.model.freeze_base is not None else cfg.model.pretrained is not None
     if freeze:
         base.requires_grad_(False)
+    if cfg.lora.enabled:
+        _add_lora(model, cfg)
     if model.memory is not None and cfg.memory.quantization != "none":
         for bank in model.memory.banks:  # buffers of the right shapes; a checkpoint load fills them
             bank.quantize_(BITS[cfg.memory.quantization], cfg.memory.quant_group_size)
+    return model
+
+
+def _lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def _add_lora(model: MemoryModel, cfg: Config) -> None:
+    """Wrap the base in a PEFT LoRA model. The memory hooks stay on the inner modules, which PEFT keeps."""
+    from peft import get_peft_model
+
+    try:
+        model.base = get_peft_model(model.base, _lora_config(cfg))
+    except ValueError as e:
+        raise ConfigError("lora.target_modules", f"{cfg.lora.target_modules}: {str(e).splitlines()[0]}") from None
+
+
+def lora_params_per_rank(model: MemoryModel, targets: list[str]) -> int:
+    """Trainable parameters that one unit of LoRA rank adds on `targets`: sum of (in + out) over the Linear
+    layers whose name ends with a target."""
+    # a plain Linear, or PEFT's LoRA wrapper of one (which also has in/out_features)
+    return sum(m.in_features + m.out_features for name, m in model.base.named_modules()
+               if name.split(".")[-1] in targets and hasattr(m, "in_features"))
+
+
+def matching_lora_rank(model: MemoryModel) -> tuple[int, int]:
+    """(LoRA rank, its trainable parameters) closest to the memory's trainable parameters."""
+    p = model.parameter_report()["parameters"]
+    memory = sum(p[c] for c in ("memory_bank", "memory_attention", "memory_mlp", "router"))
+    per_rank = lora_params_per_rank(model, model.config.lora.target_modules)
+    r = max(1, round(memory / per_rank)) if per_rank else 0
+    return r, r * per_rank
+
+
+def merge_lora(model: MemoryModel) -> MemoryModel:
+    """Fold LoRA into the base weights (PEFT `merge_and_unload`); memory layers stay as they are."""
+    if not model.config.lora.enabled:
+        raise ConfigError("lora.enabled", "this model has no LoRA to merge")
+    model.base = model.base.merge_and_unload()
+    model.config.lora.enabled = False
+    model.merged = True  # its base weights differ from `model.pretrained`: always save them in full
     return model
 
 
@@ -218,6 +265,8 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_
 
 
 def _is_adapter(model: MemoryModel) -> bool:
+    if getattr(model, "merged", False):
+        return False
     frozen = not any(p.requires_grad for n, p in model.named_parameters() if component_of(n) == "base")
     return model.config.model.pretrained is not None and frozen
 
@@ -227,13 +276,15 @@ def trained_state(model: MemoryModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if component_of(k) != "base"}
 
 
-def save_model(model: MemoryModel, directory: str | Path) -> None:
+def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None = None) -> None:
+    """Adapter layout (only what was trained) for a frozen pretrained base, else every weight; `adapter`
+    forces one or the other."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save(out / "config.yaml")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out)
-    if _is_adapter(model):
+    if _is_adapter(model) if adapter is None else adapter:
         save_file({k: v.contiguous() for k, v in trained_state(model).items()}, out / ADAPTER_WEIGHTS)
         base_cfg = model.base.config
         info = {"base_model": model.config.model.pretrained, "model_type": base_cfg.model_type,

@@ -1,0 +1,64 @@
+"""`memory-transformer generate`: prompts in, text out, through `MemoryModel.generate` (KV cache, left padding)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from memory_transformer.config import ConfigError
+from memory_transformer.model import MemoryModel, load_model
+
+
+def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
+    out = list(prompts)
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ConfigError("--prompt-file", f"file not found: {path}")
+        out += [line for line in path.read_text().splitlines() if line.strip()]
+    if not out:
+        raise ConfigError("--prompt", "give at least one prompt (--prompt TEXT or --prompt-file FILE)")
+    return out
+
+
+def generation_overrides(args) -> list[str]:
+    """CLI flags as `inference.*` overrides, so the config stays the one place for defaults."""
+    pairs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "routing": args.routing}
+    out = [f"inference.{k}={v}" for k, v in pairs.items() if v is not None]
+    if args.greedy:
+        out.append("inference.greedy=true")
+    elif any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
+        out.append("inference.greedy=false")
+    return out
+
+
+def generate_texts(model: MemoryModel, prompts: list[str], batch_size: int = 8, streamer=None) -> list[str]:
+    """Completions (new text only) for `prompts`, `batch_size` at a time, left-padded."""
+    tok, outs = model.tokenizer, []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        ids = [tok.encode(p, add_special_tokens=False) for p in prompts[start : start + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids], device=model.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=tok.pad_token_id,
+                             streamer=streamer)
+        outs += [tok.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
+    return outs
+
+
+def generate_cli(args) -> int:
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    model = load_model(args.checkpoint, overrides=[*args.set, *generation_overrides(args)])
+    if len(prompts) == 1:
+        from transformers import TextStreamer
+
+        print(prompts[0], end="", flush=True)
+        generate_texts(model, prompts, streamer=TextStreamer(model.tokenizer, skip_prompt=True))
+        return 0
+    for prompt, text in zip(prompts, generate_texts(model, prompts, args.batch_size)):
+        sys.stdout.write(f"{prompt}{text}\n")
+    return 0
