@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build).
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo demo-adapter test bench clean-venv
 
 .venv/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -14,6 +14,9 @@ TORCH := torch==2.13.0
 
 demo: .venv/.installed
 	$(PY) -m memory_transformer demo --config configs/demo.yaml
+
+demo-adapter: .venv/.installed
+	$(PY) -m memory_transformer demo-adapter --base-config configs/demo_adapter_base.yaml --config configs/demo_adapter.yaml
 
 test: .venv/.installed
 	$(PY) -m pytest

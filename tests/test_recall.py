@@ -38,6 +38,14 @@ class LookupModel(nn.Module):
             logits[b, -1, ord(self._next_char(TOK.decode(input_ids[b, n_pad:])))] = 1.0
         return SimpleNamespace(logits=logits)
 
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        """Greedy decoding by full forward passes, like transformers' generate without a cache."""
+        for _ in range(max_new_tokens):
+            next_ids = self(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].argmax(-1)
+            input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)[:, None]], dim=1)
+        return input_ids
+
     def _next_char(self, text: str) -> str:
         for prompt, answer in self.knows.items():
             done = text[len(prompt) :]

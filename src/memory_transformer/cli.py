@@ -120,8 +120,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_demo_adapter(args) -> int:
+    """Adapter demo: a vanilla base learns half the people, then memory, LoRA (same trainable parameters) and
+    both teach it the other half; prints new-fact recall, old-fact recall kept, parameters and time."""
+    from memory_transformer.demo import run_adapter_demo
+
+    run_adapter_demo(load_config(args.base_config, args.set), _config(args), args.out)
+    return 0
+
+
 COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "lr-find": cmd_lr_find,
-            "quantize": cmd_quantize, "export": cmd_export, "demo": cmd_demo}
+            "quantize": cmd_quantize, "export": cmd_export, "demo": cmd_demo,
+            "demo-adapter": cmd_demo_adapter}
 
 
 def _config(args) -> Config:
@@ -197,8 +207,14 @@ def _demo_args(sp) -> None:
     sp.add_argument("--out", help="folder for both runs (default: runs/demo-<time>)")
 
 
+def _demo_adapter_args(sp) -> None:
+    sp.add_argument("--base-config", required=True, help="stage 1: the vanilla base (e.g. configs/demo_adapter_base.yaml)")
+    sp.add_argument("--out", help="folder for all runs (default: runs/demo-adapter-<time>)")
+
+
 ARGUMENTS = {"info": _info_args, "train": _train_args, "eval": _eval_args, "lr-find": _lr_find_args,
-             "quantize": _quantize_args, "demo": _demo_args, "generate": _generate_args, "export": _export_args}
+             "quantize": _quantize_args, "demo": _demo_args, "generate": _generate_args, "export": _export_args,
+             "demo-adapter": _demo_adapter_args}
 
 
 def main(argv: list[str] | None = None) -> int:

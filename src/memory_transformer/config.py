@@ -91,6 +91,7 @@ class LoRAConfig:
 class DataConfig:
     source: str = "synthetic_facts"  # synthetic_facts | a local file (.txt/.jsonl/.parquet) | hf:<dataset name>
     num_people: int = 60
+    people: list[int] | None = None  # [start, stop]: use only people[start:stop] of the corpus
     seed: int = 0
     path: str | None = None
     hf_config: str | None = None
@@ -327,6 +328,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
+    p = cfg.data.people
+    if p is not None and (len(p) != 2 or not 0 <= p[0] < p[1] <= cfg.data.num_people):
+        raise ConfigError("data.people", f"must be [start, stop] with 0 <= start < stop <= data.num_people "
+                          f"({cfg.data.num_people}), got {p}")
     if cfg.data.mode == "instruction_finetuning" and m.tokenizer == "bytes":
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"

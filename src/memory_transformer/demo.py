@@ -87,3 +87,91 @@ def plot_comparison(results: dict[str, dict], root: Path, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter demo: a vanilla base learns one half of the people; then memory, LoRA (same trainable parameters)
+# and both teach it the other half. Recall on the new people, and what is left of the old ones.
+
+METHODS = {  # name -> overrides of the teaching config
+    "memory": ["memory.enabled=true", "lora.enabled=false"],
+    "lora": ["memory.enabled=false", "lora.enabled=true"],
+    "memory+lora": ["memory.enabled=true", "lora.enabled=true"],
+}
+
+
+def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None) -> dict[str, dict]:
+    from memory_transformer.data.synthetic_facts import SyntheticFacts
+    from memory_transformer.evaluate import fact_recall
+    from memory_transformer.export import export_hf
+    from memory_transformer.model import build_model, load_model, matching_lora_rank
+
+    root = Path(out or f"runs/demo-adapter-{time.strftime('%Y%m%d-%H%M%S')}")
+    old, new = base_cfg.data.people, teach_cfg.data.people
+    print(f"== base: vanilla model learns people {old[0]}..{old[1] - 1} ({base_cfg.training.max_steps} steps)")
+    base_run = train(load_config(base_cfg.to_dict(), [f"training.output_dir={root / 'base'}"]))
+    export_hf(load_model(root / "base" / "final"), root / "base_hf")
+    facts = SyntheticFacts(teach_cfg.data.num_people, teach_cfg.data.seed, teach_cfg.data.qa_fraction)
+    old_facts = facts.subset(*old)
+    teach = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
+    probe = build_model(load_config(teach_cfg.to_dict(), [*teach, *METHODS["memory"]]))
+    rank, _ = matching_lora_rank(probe)
+    results = {"base": {"recall_old": base_run["recall_qa"], "wall_time_s": base_run["wall_time_s"]}}
+    for name, overrides in METHODS.items():
+        cfg = load_config(teach_cfg.to_dict(), [*teach, *overrides, f"lora.r={rank}",
+                                                f"training.output_dir={root / name}"])
+        print(f"== {name}: teaching people {new[0]}..{new[1] - 1} ({cfg.training.max_steps} steps)")
+        summary = train(cfg)
+        model = load_model(root / name / "final")
+        results[name] = {"trainable": summary["param_counts"]["trainable"], "recall_new": summary["recall_qa"],
+                         "recall_new_heldout": summary["recall_qa_heldout"],
+                         "recall_old": fact_recall(model, model.tokenizer, old_facts, ["recall_qa"])["recall_qa"],
+                         "tokens_per_s": _mean_tokens_per_s(root / name), "wall_time_s": summary["wall_time_s"]}
+    print()
+    print(format_adapter_table(results, rank))
+    (root / "comparison.json").write_text(json.dumps(results, indent=2))
+    plot_adapter(results, root / "comparison.png")
+    print(f"\ncomparison: {root / 'comparison.json'}, plot: {root / 'comparison.png'}")
+    return results
+
+
+def _mean_tokens_per_s(run_dir: Path) -> float:
+    from memory_transformer.train.plots import read_metrics
+
+    rows, _ = read_metrics(run_dir)
+    rows = rows[1:] or rows  # the first window includes start-up
+    return sum(r["tokens_per_s"] for r in rows) / max(len(rows), 1)
+
+
+def format_adapter_table(results: dict[str, dict], rank: int) -> str:
+    lines = [f"LoRA rank {rank} matches the memory's trainable parameters",
+             f"{'method':<14}{'trainable':>12}{'new QA':>9}{'new QA held-out':>17}{'old QA':>9}{'tokens/s':>10}"
+             f"{'time (s)':>10}"]
+    for name, r in results.items():
+        if name == "base":
+            lines.append(f"{'base (before)':<14}{'-':>12}{'-':>9}{'-':>17}{r['recall_old']:>9.1%}{'-':>10}"
+                         f"{r['wall_time_s']:>10.0f}")
+            continue
+        lines.append(f"{name:<14}{r['trainable']:>12,}{r['recall_new']:>9.1%}{r['recall_new_heldout']:>17.1%}"
+                     f"{r['recall_old']:>9.1%}{r['tokens_per_s']:>10,.0f}{r['wall_time_s']:>10.0f}")
+    return "\n".join(lines)
+
+
+def plot_adapter(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n != "base"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [results[n]["recall_new"] for n in names], 0.4, label="new facts (QA recall)")
+    ax.bar([x + 0.2 for x in xs], [results[n]["recall_old"] for n in names], 0.4, label="old facts kept")
+    ax.axhline(results["base"]["recall_old"], color="gray", linestyle="--", label="old facts before teaching")
+    ax.set_xticks(list(xs), [f"{n}\n{results[n]['trainable']:,} params" for n in names])
+    ax.set(ylabel="exact-match recall", ylim=(0, 1), title="teaching new facts to a frozen base")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

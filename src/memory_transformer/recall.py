@@ -38,15 +38,11 @@ def _score_batch(model, tokenizer, items: list[RecallItem]) -> list[bool]:
     prompts = [tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
     answers = [tokenizer.encode(it.answer, add_special_tokens=False) for it in items]
     ids, mask = _left_pad(prompts, tokenizer.pad_token_id, _device(model))
-    generated = []
-    # Full forward pass per step (no KV cache): simple and exact. Positions are not passed: with left padding
-    # the real tokens sit at shifted positions, which rotary models (all supported archs) do not see.
-    for _ in range(max(len(a) for a in answers)):
-        next_ids = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)  # (B,)
-        generated.append(next_ids)
-        ids = torch.cat([ids, next_ids[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
-    out = torch.stack(generated, dim=1).tolist()  # (B, max answer length)
+    # Greedy decoding through the model's own generate (KV cache; positions from the attention mask), the same
+    # path as inference. Decoding may stop early at eos: the row is then shorter than the answer, and wrong.
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(a) for a in answers),
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = out[:, ids.shape[1]:].tolist()  # (B, <= max answer length)
     return [row[: len(a)] == a for row, a in zip(out, answers)]
 
 

@@ -53,11 +53,13 @@ def build_data(cfg: Config, tokenizer) -> DataBundle:
 def _synthetic(cfg: Config, tokenizer) -> DataBundle:
     d = cfg.data
     facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
-    n = d.samples_per_epoch or 4 * d.num_people
+    if d.people is not None:  # e.g. pretrain on one half of the people, teach the other half later
+        facts = facts.subset(*d.people)
+    n = d.samples_per_epoch or 4 * len(facts.people)
     encode = _encoder(cfg, tokenizer)
     chat = d.mode == "instruction_finetuning"
     docs = facts.train_messages if chat else facts.train_documents
-    eval_docs = facts.eval_messages(d.num_people) if chat else facts.eval_documents(d.num_people)
+    eval_docs = facts.eval_messages(len(facts.people)) if chat else facts.eval_documents(len(facts.people))
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
