@@ -32,7 +32,7 @@ def _err(raw, overrides=None) -> str:
 
 ERRORS = [
     ({"memory": {"num_chapter": 2}}, "memory.num_chapter: unknown key (did you mean 'memory.num_chapters'?); allowed: "),
-    ({"modle": {}}, "modle: unknown key (did you mean 'model'?); allowed: model, memory, data, training"),
+    ({"modle": {}}, "modle: unknown key (did you mean 'model'?); allowed: model, memory, lora, data, training, inference"),
     ({"memory": {"num_tokens": "many"}}, "memory.num_tokens: got 'many'; allowed: an integer"),
     ({"memory": {"enabled": "yes"}}, "memory.enabled: got 'yes'; allowed: true/false"),
     ({"memory": {"bank": "huge"}}, "memory.bank: got 'huge'; allowed: standard | factorized | reduced_dim"),
