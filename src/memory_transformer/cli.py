@@ -70,7 +70,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Perplexity on the configured eval data and, on synthetic facts, recall (seen and held-out phrasing)."""
+    """Perplexity on the configured eval data and, on synthetic facts, recall (seen and held-out phrasing);
+    with --lm-eval-tasks, lm-evaluation-harness tasks instead (needs the lm-eval extra)."""
+    if args.lm_eval_tasks:
+        try:
+            from memory_transformer.lm_eval_adapter import eval_cli
+        except ModuleNotFoundError as e:
+            if e.name != "lm_eval":
+                raise
+            raise ConfigError("--lm-eval-tasks", "needs lm-eval: pip install 'memory-transformer[lm-eval]'") from None
+        return eval_cli(args)
     from memory_transformer.data import build_data
     from memory_transformer.evaluate import evaluate
     from memory_transformer.model import load_model
@@ -165,6 +174,10 @@ def _train_args(sp) -> None:
 def _eval_args(sp) -> None:
     sp.add_argument("--checkpoint", required=True, help="a saved model folder (final/, best/, a checkpoint)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--lm-eval-tasks", metavar="T1,T2", help="run these lm-evaluation-harness tasks instead")
+    sp.add_argument("--lm-eval-include", metavar="PATH", help="a folder of extra lm-eval task YAML files")
+    sp.add_argument("--limit", type=float, help="lm-eval: documents per task (a fraction if < 1)")
+    sp.add_argument("--batch-size", type=int, default=1, help="lm-eval: requests per forward")
 
 
 def _lr_find_args(sp) -> None:

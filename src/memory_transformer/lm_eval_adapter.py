@@ -25,22 +25,26 @@ Which chapters the memory reads while scoring (`routing=`):
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
+import lm_eval
 import lm_eval.models  # noqa: F401  lm-eval's own models: its registry loads them only while it is empty
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 from tqdm import tqdm
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from memory_transformer.config import ConfigError
 from memory_transformer.model import MemoryModel, load_model
 
 SCORE_ROUTINGS = ("forward", "context")
+log = logging.getLogger(__name__)
 
 
 class ContextRouting:
@@ -75,20 +79,24 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 @register_model("memory-transformer")
 class MemoryTransformerLM(TemplateLM):
     """`pretrained`: a folder saved with `save_pretrained` (or a MemoryModel). `max_length`: the longest
-    row the model sees (default: the base's `max_position_embeddings`); contexts are cut from the left."""
+    row the model sees (default: the base's `max_position_embeddings`); contexts are cut from the left.
+    `max_gen_toks`: generation length when a task gives none. `routing`: forward | context (module doc)."""
 
     def __init__(self, pretrained: str | Path | MemoryModel, batch_size: int | str = 1, device: str | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, routing: str = "forward",
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None):  # max_batch_size: passed by lm-eval, unused (no 'auto')
         super().__init__()
         if routing not in SCORE_ROUTINGS:
             raise ValueError(f"routing: got {routing!r}; allowed: {' | '.join(SCORE_ROUTINGS)}")
         if not str(batch_size).isdigit():
             raise ValueError(f"batch_size: got {batch_size!r}; give a number (no 'auto' for this model)")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, MemoryModel):
-            self.model, self.name = pretrained.to(device), type(pretrained).__name__
+            self.model, self.name = pretrained.to(device or pretrained.device), type(pretrained).__name__
         else:
+            if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's CLI default: cuda:0
+                log.warning("device %s: CUDA is not available, using the CPU", device)
+                device = None
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.model, self.name = load_model(pretrained, device=device), str(pretrained)
         self.model.eval()
         self.tokenizer = self.model.tokenizer
@@ -130,9 +138,10 @@ class MemoryTransformerLM(TemplateLM):
         return out
 
     def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
-        """(input ids, target ids): the last max_length + 1 tokens, shifted; the last len(targets) are scored."""
-        whole = (context + continuation)[-(self.max_length + 1):]
-        return whole[:-1], whole[1:][-len(continuation):]
+        """(input ids, scored ids): the last max_length tokens of the row, and its last continuation tokens.
+        The last token is an input too, as in training: with sequence routing it takes part in the routing."""
+        row = (context + continuation)[-self.max_length:]
+        return row, row[len(row) - min(len(continuation), len(row) - 1):]
 
     @torch.no_grad()
     def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -140,10 +149,10 @@ class MemoryTransformerLM(TemplateLM):
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([inp + [pad] * (width - len(inp)) for inp, _ in rows], device=self.device)
         mask = torch.tensor([[1] * len(inp) + [0] * (width - len(inp)) for inp, _ in rows], device=self.device)
-        logits = self._forward(input_ids, mask, [len(inp) - len(tgt) + 1 for inp, tgt in rows])  # (B, W, V)
+        logits = self._forward(input_ids, mask, [len(inp) - len(tgt) for inp, tgt in rows])  # (B, W, V)
         out = []
         for b, (inp, tgt) in enumerate(rows):
-            logp = F.log_softmax(logits[b, len(inp) - len(tgt) : len(inp)].float(), dim=-1)  # (n, V)
+            logp = F.log_softmax(logits[b, len(inp) - len(tgt) - 1 : len(inp) - 1].float(), dim=-1)  # (n, V)
             target = torch.tensor(tgt, device=logp.device)
             total = logp.gather(-1, target[:, None]).sum().item()
             out.append((total, bool((logp.argmax(-1) == target).all())))
@@ -152,7 +161,7 @@ class MemoryTransformerLM(TemplateLM):
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, context_lens: list[int]) -> torch.Tensor:
         """Logits (B, W, V); the memory's runtime state is empty before and after."""
         state = self.model.memory.state if self.model.memory is not None else None
-        if state is not None and self.routing == "context":
+        if state is not None and self.routing == "context" and self.model.config.memory.routing == "sequence":
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
             state.generation = ContextRouting((pos < torch.tensor(context_lens, device=pos.device)[:, None]).long())
         try:
@@ -167,7 +176,7 @@ class MemoryTransformerLM(TemplateLM):
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
+                    self.tok_encode(text), self.prefix_token_id, self.max_length - 1, context_len=1)):
                 windows.append((None, ctx, cont))
                 owner.append(i)
         totals = [0.0] * len(requests)
@@ -209,10 +218,9 @@ class MemoryTransformerLM(TemplateLM):
         width, pad = max(len(x) for x in ids), self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        tokens = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id, stopping_criteria=[StopOnStrings(self.tokenizer, until, width)],
-            **kwargs)
+        stops = StoppingCriteriaList([StopOnStrings(self.tokenizer, until, width)] if any(until) else [])
+        tokens = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad,
+                                     eos_token_id=self.tokenizer.eos_token_id, stopping_criteria=stops, **kwargs)
         return [cut_at_stops(self.tokenizer.decode(row[width:], skip_special_tokens=True), until) for row in tokens]
 
 
@@ -221,25 +229,40 @@ class MemoryTransformerLM(TemplateLM):
 
 
 def task_manager(tasks: list[str], include_path: str | None = None):
-    """A TaskManager that knows `tasks`. Indexing lm-eval's ~15k built-in task files takes seconds, so with an
-    include path that holds every requested task the built-in ones are left out."""
+    """A TaskManager that knows every name in `tasks` (else ConfigError). Indexing lm-eval's ~15k built-in
+    task files takes seconds, so when the include path holds every requested task they are left out."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None:
+        if not Path(include_path).exists():
+            raise ConfigError("--lm-eval-include", f"not found: {include_path}")
+        include_path = str(Path(include_path).resolve())  # lm-eval would read a relative path from the cwd
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    return TaskManager(include_path=include_path)
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError("--lm-eval-tasks", f"unknown task(s) {', '.join(unknown)}"
+                          + ("" if include_path else "; tasks of a local folder need --lm-eval-include PATH"))
+    return manager
 
 
-def run_tasks(checkpoint: str, tasks: list[str], include_path: str | None = None, limit: float | None = None,
-              batch_size: int = 1, device: str | None = None) -> dict:
-    """`lm_eval.simple_evaluate` of the saved model on `tasks`; returns lm-eval's results dict."""
-    import lm_eval
-
-    lm = MemoryTransformerLM(checkpoint, batch_size=batch_size, device=device)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks, include_path),
-                                   limit=limit, batch_size=batch_size)
+def eval_cli(args) -> int:
+    """`memory-transformer eval --checkpoint DIR --lm-eval-tasks T1,T2`: lm-eval's results table, or JSON."""
+    tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+    manager = task_manager(tasks, args.lm_eval_include)
+    lm = MemoryTransformerLM(load_model(args.checkpoint, overrides=args.set), batch_size=args.batch_size)
+    lm.name = args.checkpoint
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
+                                      batch_size=lm.batch_size)
+    if args.json:
+        print(json.dumps(results["results"], default=handle_non_serializable))
+        return 0
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    return 0
 
 
 def main() -> None:
