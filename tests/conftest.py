@@ -33,6 +33,14 @@ def tiny_config(arch: str = "llama", memory: dict | None = None, **sections):
     return load_config(raw)
 
 
+def selected_chapters(model) -> list[set[int]]:
+    """Per bank, the chapters that some memory layer selected in the last forward."""
+    out = [set() for _ in model.memory.banks]
+    for layer, routing in model.memory.state.routing.items():
+        out[model.memory.bank_of[layer]] |= set(routing.ids.flatten().tolist())
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from memory_transformer import build_model, load_config, load_model
 from memory_transformer.memory.router import router_losses
-from conftest import ARCHS, MEMORY_CASES, tiny_config
+from conftest import ARCHS, MEMORY_CASES, tiny_config, selected_chapters
 
 CASES = [(a, m) for a in ARCHS for m in MEMORY_CASES]
 
@@ -47,11 +47,7 @@ def test_step_moves_memory_and_only_selected_chapters_get_gradients(arch, case):
     x = _ids()
     out = model(x, labels=x)
     out.loss.backward()
-    for b, bank in enumerate(model.memory.banks):
-        selected = set()
-        for layer, routing in model.memory.state.routing.items():
-            if model.memory.bank_of[layer] == b:
-                selected |= set(routing.ids.flatten().tolist())
+    for b, (bank, selected) in enumerate(zip(model.memory.banks, selected_chapters(model))):
         for c, p in enumerate(bank.chapters):
             assert (p.grad is not None) == (c in selected), f"bank {b} chapter {c}"
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("memory.")}

@@ -10,7 +10,7 @@ from memory_transformer.memory.attention import MemoryAttention, Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.router import top_k
 from memory_transformer.memory.strategies import STRATEGIES, window_means
-from conftest import ARCHS, MEMORY_CASES, tiny_config
+from conftest import ARCHS, MEMORY_CASES, tiny_config, selected_chapters
 
 GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}  # 8 tokens: no early end of sequence
 
@@ -216,11 +216,7 @@ def test_training_with_token_routing(arch, case):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     k = model.config.memory.top_k
-    for b, bank in enumerate(model.memory.banks):
-        selected = set()
-        for layer, routing in model.memory.state.routing.items():
-            if model.memory.bank_of[layer] == b:
-                selected |= set(routing.ids.flatten().tolist())
+    for b, (bank, selected) in enumerate(zip(model.memory.banks, selected_chapters(model))):
         for c, p in enumerate(bank.chapters):
             assert (p.grad is not None) == (c in selected), f"bank {b} chapter {c}"
             assert p.grad is None or torch.isfinite(p.grad).all()
