@@ -227,3 +227,32 @@ def test_lr_find_suggests_a_rate_and_plots(tmp_path):
     assert len(result["lr"]) == len(result["loss"]) <= 20
     assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 1000
     assert not (tmp_path / "run").exists()
+
+
+def test_early_stopping_and_tensorboard(tmp_path):
+    cfg = tiny(tmp_path, "training.eval_steps=1", "training.early_stopping_patience=2",
+               "training.early_stopping_threshold=100.0", "training.log_with=[tensorboard]")
+    summary = train(cfg, progress=False)
+    # the first eval sets the best; no later one improves by 100 nats: stop after 2 more evals
+    assert summary["steps"] == 3 and summary["stop"].startswith("early stopping")
+    assert json.loads((tmp_path / "run" / "best" / "COMPLETE").read_text())["step"] == 1
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_eval_and_quantize_commands(tmp_path):
+    train(tiny(tmp_path, "training.max_steps=2"), progress=False)
+    final = tmp_path / "run" / "final"
+    run = [sys.executable, "-m", "memory_transformer"]
+    r = subprocess.run([*run, "eval", "--checkpoint", str(final), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"eval_loss", "eval_ppl", "recall_qa", "recall_qa_heldout", "recall_bio", "knowledge_bits"} <= metrics.keys()
+    q = subprocess.run([*run, "quantize", "--checkpoint", str(final), "--bits", "8", "--out", str(tmp_path / "q8")],
+                       capture_output=True, text=True)
+    assert q.returncode == 0, q.stderr
+    assert load_model(tmp_path / "q8").config.memory.quantization == "int8"
+    again = subprocess.run([*run, "quantize", "--checkpoint", str(final), "--bits", "8", "--out", str(tmp_path / "q8")],
+                           capture_output=True, text=True)
+    assert (again.returncode, again.stderr) == (2, f"error: --out: {tmp_path / 'q8'} exists and is not empty; "
+                                                   "choose a new folder\n")
