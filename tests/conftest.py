@@ -17,6 +17,7 @@ MEMORY_CASES = {
     "reduced_dim-shared-B": {"bank": "reduced_dim", "bank_rank": 16, "block_variant": "B"},
     "lowrank_qkv-last1-A": {"qkv_rank": 8, "layers": "last:1"},
     "dense-1chapter-A": {"num_chapters": 1, "top_k": 1},
+    "learned_kv-slot_top_k-null-A": {"kv": "learned", "slot_top_k": 4, "null_slot": True},
 }
 
 

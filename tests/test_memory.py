@@ -104,9 +104,12 @@ def test_aux_loss_is_added_with_its_coefficients():
 def _expected_memory_params(d, n_layers_mem, cfg):
     m = cfg.memory
     width = m.bank_rank if m.bank == "reduced_dim" else d
-    bank = m.num_tokens * (m.bank_rank if m.bank != "standard" else d) + (d * m.bank_rank if m.bank == "factorized" else 0)
+    parts = 2 if m.kv == "learned" else 1  # a learned row is [key | value]
+    row = parts * width if m.bank != "factorized" else m.bank_rank
+    bank = m.num_tokens * row + (parts * d * m.bank_rank if m.bank == "factorized" else 0)
     proj = (lambda i, o: i * o) if m.qkv_rank is None else (lambda i, o: m.qkv_rank * (i + o))
-    attn = d + proj(d, width) + 2 * proj(width, width) + width * d
+    kv = 0 if m.kv == "learned" else 2 * proj(width, width)
+    attn = d + proj(d, width) + kv + width * d + (width if m.null_slot else 0)
     router = d * m.num_chapters if m.num_chapters > 1 else 0
     return bank, attn * n_layers_mem, router * n_layers_mem
 

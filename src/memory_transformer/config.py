@@ -66,6 +66,10 @@ class MemoryConfig:
     wo_init: Literal["zero", "normal"] = "zero"
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
     routing: Literal["sequence", "token"] = "sequence"  # training: one chapter choice per sequence, or per token
+    kv: Literal["projected", "learned"] = "projected"  # keys/values: W_k, W_v of one bank row, or learned directly
+    slot_top_k: int | None = None  # sparse read: each query attends to its best slots of each chapter; null = all
+    null_slot: bool = False  # a learned "nothing here" key with a zero value, so a query can read (almost) nothing
+    key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
     dropout: float = 0.0
@@ -358,6 +362,9 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         )
     if not 1 <= mem.top_k <= mem.num_chapters:
         raise ConfigError("memory.top_k", f"must be between 1 and memory.num_chapters ({mem.num_chapters}), got {mem.top_k}")
+    if mem.slot_top_k is not None and not 1 <= mem.slot_top_k <= mem.num_tokens // max(mem.num_chapters, 1):
+        raise ConfigError("memory.slot_top_k", f"must be null or between 1 and the slots per chapter "
+                          f"({mem.num_tokens // max(mem.num_chapters, 1)}), got {mem.slot_top_k}")
     if mem.bank in ("factorized", "reduced_dim") and not mem.bank_rank:
         raise ConfigError("memory.bank_rank", f"required (a positive integer) when memory.bank is {mem.bank}")
     if isinstance(mem.layers, str) and not _LAYER_SPEC.match(mem.layers):

@@ -78,8 +78,10 @@ class MemoryStack(nn.Module):
         groups = bank_groups(cfg.sharing, layer_ids)
         self.layer_ids = layer_ids
         self.bank_of = dict(zip(layer_ids, groups))
+        learned = cfg.kv == "learned"
         self.banks = nn.ModuleList(
-            MemoryBank(cfg.num_tokens, cfg.num_chapters, d, cfg.bank, cfg.bank_rank, cfg.init_std)
+            MemoryBank(cfg.num_tokens, cfg.num_chapters, d, cfg.bank, cfg.bank_rank, cfg.init_std, learned,
+                       cfg.key_init_std)
             for _ in range(max(groups) + 1)
         )
         self.blocks = nn.ModuleDict({str(i): self._block(d, width, eps) for i in layer_ids})
@@ -89,7 +91,7 @@ class MemoryStack(nn.Module):
     def _block(self, d: int, width: int, eps: float) -> MemoryBlock:
         c = self.cfg
         attn = MemoryAttention(d, width, c.num_heads, c.num_chapters, c.top_k, c.qkv_rank, c.wo_init,
-                               c.dropout, eps, c.init_std, c.routing)
+                               c.dropout, eps, c.init_std, c.routing, c.kv == "learned", c.slot_top_k, c.null_slot)
         return MemoryBlock(attn)
 
     def add_variant_b_mlps(self, layers: nn.ModuleList) -> None:

@@ -58,18 +58,25 @@ class Routing:
 RoutingPlan = Routing | Callable[[torch.Tensor, torch.Tensor | None], Routing] | None
 
 
-def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: float = 0.0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: float = 0.0,
+                    slot_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q (n, H, h) to one chapter's K, V (H, S, h): output (n, H, h) and the log-sum-exp
-    of the scores (n, H), which merging partial outputs needs.
+    of the scores (n, H), which merging partial outputs needs. With `slot_top_k` each query attends to its
+    best `slot_top_k` slots only (the others get probability 0 and no gradient).
 
     Not SDPA: it does not return the LSE. `aten._scaled_dot_product_flash_attention_for_cpu` does, but only on
     CPU and with the LSE outside autograd (torch 2.13: `lse.requires_grad` is False), while the merge weights
     must pass gradients back to the scores. One matmul + logsumexp is exact, differentiable on any device, and
     costs the same n*S scores SDPA would compute. Scores and softmax in float32 (bf16 models too)."""
     scores = (q.transpose(0, 1) @ K.transpose(1, 2)).float() * q.shape[-1] ** -0.5  # (H, n, S)
-    lse = scores.logsumexp(dim=-1)  # (H, n)
-    probs = F.dropout(scores.softmax(dim=-1), dropout) if dropout else scores.softmax(dim=-1)
+    if slot_top_k is not None and slot_top_k < scores.shape[-1]:
+        top, idx = scores.topk(slot_top_k, dim=-1)  # (H, n, m)
+        lse = top.logsumexp(dim=-1)
+        probs = torch.zeros_like(scores).scatter(-1, idx, top.softmax(dim=-1))
+    else:
+        lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (H, n), (H, n, S)
+    if dropout:
+        probs = F.dropout(probs, dropout)
     out = probs.to(V.dtype) @ V  # (H, n, h)
     return out.transpose(0, 1), lse.transpose(0, 1)
 
@@ -77,15 +84,20 @@ def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: 
 class MemoryAttention(nn.Module):
     def __init__(self, hidden: int, width: int, num_heads: int, num_chapters: int, top_k: int,
                  qkv_rank: int | None = None, wo_init: str = "zero", dropout: float = 0.0,
-                 norm_eps: float = 1e-6, init_std: float = 0.02, routing: str = "sequence"):
+                 norm_eps: float = 1e-6, init_std: float = 0.02, routing: str = "sequence",
+                 learned_kv: bool = False, slot_top_k: int | None = None, null_slot: bool = False):
         super().__init__()
         self.width, self.num_heads, self.top_k, self.dropout = width, num_heads, top_k, dropout
         self.routing = routing  # default decision when none is given: "sequence" or "token"
+        self.slot_top_k = slot_top_k  # None: every slot of the selected chapters
         self.norm = nn.RMSNorm(hidden, eps=norm_eps)
         self.q = projection(hidden, width, qkv_rank)
-        self.k = projection(width, width, qkv_rank)
-        self.v = projection(width, width, qkv_rank)
+        # Learned keys and values are read from the bank row as they are: no W_k, W_v.
+        self.k = None if learned_kv else projection(width, width, qkv_rank)
+        self.v = None if learned_kv else projection(width, width, qkv_rank)
         self.o = nn.Linear(width, hidden, bias=False)
+        # The null slot: key learned per head, value 0. Score 0 at init.
+        self.null_key = nn.Parameter(torch.zeros(num_heads, width // num_heads)) if null_slot else None
         for lin in (m for m in self.modules() if isinstance(m, nn.Linear)):
             nn.init.normal_(lin.weight, std=init_std)
         if wo_init == "zero":  # the layer adds exactly 0 at init: a pretrained model is unchanged
@@ -131,8 +143,7 @@ class MemoryAttention(nn.Module):
         Outside autograd (eval / generation) they are cached per chapter, head-major and contiguous (the layout
         SDPA reads fastest), until a parameter changes; one chapter is then returned without any copy."""
         if torch.is_grad_enabled():
-            slots = bank.read(chapters)  # (U, S, w)
-            return self._heads(self.k(slots)), self._heads(self.v(slots))
+            return self._kv(bank.read(chapters))
         hits = [self._cached_kv(bank, c) for c in chapters]
         if len(hits) == 1:
             return hits[0][1][None], hits[0][2][None]
@@ -142,10 +153,16 @@ class MemoryAttention(nn.Module):
         key = self._version_key(bank, chapter)
         hit = self._kv_cache.get(chapter)
         if hit is None or hit[0] != key:
-            slots = bank.read([chapter])  # (1, S, w)
-            hit = (key, self._heads(self.k(slots))[0].contiguous(), self._heads(self.v(slots))[0].contiguous())
+            K, V = self._kv(bank.read([chapter]))
+            hit = (key, K[0].contiguous(), V[0].contiguous())
             self._kv_cache[chapter] = hit
         return hit
+
+    def _kv(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank rows (U, S, row) -> K, V (U, H, S, h): projected by W_k, W_v, or the two halves of the row."""
+        if self.k is None:
+            return self._heads(slots[..., :self.width]), self._heads(slots[..., self.width:])
+        return self._heads(self.k(slots)), self._heads(self.v(slots))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """(U, S, w) -> (U, H, S, h), a view."""
@@ -153,7 +170,8 @@ class MemoryAttention(nn.Module):
 
     def _version_key(self, bank: MemoryBank, chapter: int) -> tuple:
         # In-place updates (optimizer steps, load_state_dict) bump `_version`; `.to()` makes new storage.
-        params = [*bank.chapter_params(chapter), *self.k.parameters(), *self.v.parameters()]
+        projections = [] if self.k is None else [*self.k.parameters(), *self.v.parameters()]
+        params = [*bank.chapter_params(chapter), *projections]
         return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
 
     def clear_cache(self) -> None:
@@ -194,18 +212,49 @@ class MemoryAttention(nn.Module):
         S = K.shape[2]
         inverse, gates = inverse.view(B, -1), routing.gates.view(B, -1)  # (B, k); (B, 1, k) when T == 1
         k = inverse.shape[1]
+        # Each selected chapter is weighted by its router probability (renormalised over the k).
+        log_g = (gates / gates.sum(-1, keepdim=True)).log() if k > 1 else None  # (B, k)
+        dropout = self.dropout if self.training else 0.0
+        if self.slot_top_k is not None or self.null_key is not None:
+            return self._read_sequences_sparse(q, K[inverse], V[inverse], log_g, dropout)
         if len(chapters) == 1:  # one chapter for all rows (always at batch 1, top_k 1): a view, no copy
             K, V = K.expand(B, H, S, hd), V.expand(B, H, S, hd)
         else:  # (B, k, H, S, h) -> (B, H, k*S, h)
             K = K[inverse].transpose(1, 2).reshape(B, H, k * S, hd)
             V = V[inverse].transpose(1, 2).reshape(B, H, k * S, hd)
-        bias = None
-        if k > 1:  # weight the selected chapters by their router probabilities (renormalised over the k)
-            log_g = (gates / gates.sum(-1, keepdim=True)).log().to(q.dtype)  # (B, k)
-            bias = log_g.repeat_interleave(S, dim=1)[:, None, None, :]  # (B, 1, 1, k*S)
-        dropout = self.dropout if self.training else 0.0
+        bias = None if log_g is None else log_g.to(q.dtype).repeat_interleave(S, dim=1)[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=bias, dropout_p=dropout)
         return out.transpose(1, 2).reshape(B, T, H * hd)
+
+    def _read_sequences_sparse(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+                               log_g: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """The read with slot top-k and/or the null slot. q (B, T, H, h), K, V (B, k, H, S, h) -> (B, T, w).
+
+        Each query keeps its best `slot_top_k` slots of each chapter; the kept scores of all k chapters (plus
+        the null slot's) share one softmax. Unkept slots get probability 0, so no gradient reaches them."""
+        B, T, H, hd = q.shape
+        scores = torch.einsum("bthd,bkhsd->bhtks", q, K).float() * hd ** -0.5  # (B, H, T, k, S)
+        if log_g is not None:
+            scores = scores + log_g[:, None, None, :, None]
+        sparse = self.slot_top_k is not None and self.slot_top_k < scores.shape[-1]
+        top, idx = scores.topk(self.slot_top_k, dim=-1) if sparse else (scores, None)  # (B, H, T, k, m)
+        flat = top.flatten(-2)  # (B, H, T, k*m)
+        if self.null_key is not None:
+            null = self._null_scores(q).permute(0, 2, 1)  # (B, H, T)
+            probs = torch.cat([flat, null[..., None]], dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            probs = flat.softmax(dim=-1)
+        probs = probs.view(top.shape)
+        if sparse:
+            probs = torch.zeros_like(scores).scatter(-1, idx, probs)
+        if dropout:
+            probs = F.dropout(probs, dropout)
+        out = torch.einsum("bhtks,bkhsd->bthd", probs.to(V.dtype), V)
+        return out.reshape(B, T, H * hd)
+
+    def _null_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """Scores of the null slot, q (..., H, h) -> (..., H), float32 like the other scores."""
+        return (q * self.null_key.to(q.dtype)).sum(-1).float() * q.shape[-1] ** -0.5
 
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""
@@ -217,13 +266,19 @@ class MemoryAttention(nn.Module):
         K, V = self.project_kv(bank, chapters.tolist())  # (U, H, S, h): each selected chapter once
         groups = q.reshape(B * T, H, hd)[order // k].split(counts.tolist())  # per chapter: (n_u, H, h)
         dropout = self.dropout if self.training else 0.0
-        parts = [attend_with_lse(g, K[u], V[u], dropout) for u, g in enumerate(groups)]
+        parts = [attend_with_lse(g, K[u], V[u], dropout, self.slot_top_k) for u, g in enumerate(groups)]
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(order.numel(), device=order.device)
         out = torch.cat([o for o, _ in parts])[unsort].view(B * T, k, H, hd)  # back in pair order
         lse = torch.cat([l for _, l in parts])[unsort].view(B * T, k, H)
         gates = routing.gates.reshape(B * T, k, 1)
-        # Chapter c's share of the token's softmax over all k*S slots: g_c Z_c / sum_c' g_c' Z_c'.
-        weight = (lse + (gates / gates.sum(1, keepdim=True)).log()).softmax(dim=1)  # (N, k, H)
+        # Chapter c's share of the token's softmax over all k*S slots: g_c Z_c / sum_c' g_c' Z_c' (+ the null
+        # slot's exp(score) in the denominator).
+        logits = lse + (gates / gates.sum(1, keepdim=True)).log()  # (N, k, H)
+        if self.null_key is not None:
+            null = self._null_scores(q.reshape(B * T, H, hd))  # (N, H)
+            weight = torch.cat([logits, null[:, None]], dim=1).softmax(dim=1)[:, :k]
+        else:
+            weight = logits.softmax(dim=1)
         out = (weight.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)  # (N, H, h)
         return out.reshape(B, T, H * hd)

@@ -1,4 +1,4 @@
-"""The memory bank: N slots of width `width`, split into C equal chapters.
+"""The memory bank: N slots, split into C equal chapters.
 
 Each chapter is its own Parameter. A chapter that no sequence selected takes no part in the graph, so its
 `.grad` stays None and AdamW skips it entirely: a step costs the same with 128 chapters as with 1.
@@ -34,36 +34,47 @@ class Buffers(nn.Module):
 
 class MemoryBank(nn.Module):
     """kind: `standard` (S, d) chapters; `factorized` M = A @ B^T with A (S, r) per chapter and B (d, r) shared;
-    `reduced_dim` (S, r) chapters, read by an attention that works in r dims."""
+    `reduced_dim` (S, r) chapters, read by an attention that works in r dims.
+
+    With `learned_kv` a row holds a key and a value side by side, [key (w) | value (w)], read directly by the
+    attention (no W_k, W_v); keys start with std `key_init_std` so that scores are selective from step one,
+    values with `init_std`."""
 
     def __init__(self, num_tokens: int, num_chapters: int, dim: int, kind: str = "standard",
-                 rank: int | None = None, init_std: float = 0.02):
+                 rank: int | None = None, init_std: float = 0.02, learned_kv: bool = False,
+                 key_init_std: float = 1.0):
         super().__init__()
-        self.kind, self.num_chapters = kind, num_chapters
+        self.kind, self.num_chapters, self.learned_kv = kind, num_chapters, learned_kv
         self.bits, self.group_size = 0, 0  # 0 = float Parameters; 8 or 4 after `quantize_`
         self.chapter_size = num_tokens // num_chapters
-        S = self.chapter_size
+        S, parts = self.chapter_size, 2 if learned_kv else 1
+        self.width = rank if kind == "reduced_dim" else dim  # attention width w
         if kind == "factorized":
             # Var(sum_j a_ij b_kj) = r * s^4, so s = sqrt(init_std / sqrt(r)) gives M the variance init_std^2.
             s = math.sqrt(init_std / math.sqrt(rank))
             self.chapters = nn.ParameterList(nn.Parameter(torch.randn(S, rank) * s) for _ in range(num_chapters))
-            self.right = nn.Parameter(torch.randn(dim, rank) * s)
-            self.width = dim
+            self.right = nn.Parameter(torch.randn(parts * dim, rank) * s)
+            if learned_kv:  # M's key columns come from B's first rows
+                with torch.no_grad():
+                    self.right[:dim] *= key_init_std / init_std
         else:
-            self.width = rank if kind == "reduced_dim" else dim
             self.chapters = nn.ParameterList(
-                nn.Parameter(torch.randn(S, self.width) * init_std) for _ in range(num_chapters)
+                nn.Parameter(torch.randn(S, parts * self.width) * init_std) for _ in range(num_chapters)
             )
+            if learned_kv:
+                with torch.no_grad():
+                    for p in self.chapters:
+                        p[:, :self.width] *= key_init_std / init_std
 
     def read(self, chapter_ids: list[int]) -> torch.Tensor:
-        """The slots of the given chapters: (U, S, width). Only these chapters enter the graph (float bank)
-        or get dequantized (quantized bank)."""
+        """The slots of the given chapters: (U, S, row), row = width (2 * width with learned keys and values).
+        Only these chapters enter the graph (float bank) or get dequantized (quantized bank)."""
         if self.bits:
-            slots = torch.stack([self.dequantize(i) for i in chapter_ids])  # (U, S, r or width)
+            slots = torch.stack([self.dequantize(i) for i in chapter_ids])  # (U, S, r or row)
         else:
-            slots = torch.stack([self.chapters[i] for i in chapter_ids])  # (U, S, r or width)
+            slots = torch.stack([self.chapters[i] for i in chapter_ids])  # (U, S, r or row)
         if self.kind == "factorized":
-            slots = slots @ self.right.T  # (U, S, d)
+            slots = slots @ self.right.T  # (U, S, row)
         return slots
 
     def chapter_params(self, chapter: int) -> list[torch.Tensor]:
@@ -90,7 +101,7 @@ class MemoryBank(nn.Module):
             self.right.requires_grad_(False)
 
     def dequantize(self, chapter: int) -> torch.Tensor:
-        """One quantized chapter as floats: (S, r or width) in the model dtype."""
+        """One quantized chapter as floats: (S, r or row) in the model dtype."""
         return dequantize(self.q[chapter], self.scale[chapter], self.bits, self.group_size, self.out_dtype.dtype)
 
     def stored_footprint(self) -> tuple[int, int]:
