@@ -128,3 +128,28 @@ def test_slot_top_k_larger_than_a_chapter_is_a_config_error():
     with pytest.raises(ConfigError, match=r"memory.slot_top_k: must be null or between 1 and the slots per "
                                           r"chapter \(16\), got 17"):
         tiny_config(memory={"slot_top_k": 17})
+
+
+@pytest.mark.parametrize("kv", ["learned", "projected"])
+def test_identity_wo_adds_nothing_at_init_and_values_learn_from_the_first_step(kv):
+    cfg = tiny_config(memory={"kv": kv, "wo_init": "identity", "slot_top_k": 4})
+    model = build_model(cfg)
+    ids = torch.randint(3, 200, (2, 12))
+    with_memory = model(input_ids=ids, labels=ids)
+    model.memory.remove()  # the base alone
+    without = model.base(input_ids=ids).logits
+    torch.testing.assert_close(with_memory.logits, without, atol=0, rtol=0)
+    with_memory.loss.backward()
+    attn = model.memory.blocks[str(model.memory.layer_ids[0])].attn
+    assert torch.equal(attn.o.weight, torch.eye(32))
+    if kv == "learned":
+        grads = [p.grad for p in model.memory.banks[0].chapters if p.grad is not None]
+        assert grads and all(g[:, :32].abs().sum() == 0 for g in grads)  # keys: no gradient while values are 0
+        assert any(g[:, 32:].abs().sum() > 0 for g in grads)  # values: gradient at once
+    else:
+        assert attn.v.weight.grad.abs().sum() > 0
+
+
+def test_identity_wo_needs_full_width():
+    with pytest.raises(ConfigError, match="memory.wo_init: identity needs the memory width to equal the model width"):
+        tiny_config(memory={"wo_init": "identity", "bank": "reduced_dim", "bank_rank": 16})

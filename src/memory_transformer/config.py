@@ -63,7 +63,7 @@ class MemoryConfig:
     bank_rank: int | None = None  # required by factorized / reduced_dim
     num_heads: int = 4
     qkv_rank: int | None = None  # rank of low-rank Q/K/V projections; null = full rank
-    wo_init: Literal["zero", "normal"] = "zero"
+    wo_init: Literal["zero", "normal", "identity"] = "zero"  # identity: W_o = I and values start at 0
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
     routing: Literal["sequence", "token"] = "sequence"  # training: one chapter choice per sequence, or per token
     kv: Literal["projected", "learned"] = "projected"  # keys/values: W_k, W_v of one bank row, or learned directly
@@ -376,6 +376,9 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
     dim = mem.bank_rank if mem.bank == "reduced_dim" else m.hidden_size
     if m.pretrained is None and dim % mem.num_heads:
         raise ConfigError("memory.num_heads", f"must divide the memory attention width ({dim}), got {mem.num_heads}")
+    if mem.wo_init == "identity" and mem.bank == "reduced_dim":
+        raise ConfigError("memory.wo_init", "identity needs the memory width to equal the model width; "
+                          "use zero or normal with bank reduced_dim")
     if not 0.0 <= mem.dropout < 1.0:
         raise ConfigError("memory.dropout", f"must be in [0, 1), got {mem.dropout}")
     _check_quantization(mem, m)

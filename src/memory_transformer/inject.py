@@ -84,6 +84,9 @@ class MemoryStack(nn.Module):
                        cfg.key_init_std)
             for _ in range(max(groups) + 1)
         )
+        if learned and cfg.wo_init == "identity":
+            for bank in self.banks:
+                bank.zero_values_()
         self.blocks = nn.ModuleDict({str(i): self._block(d, width, eps) for i in layer_ids})
         self.state = RuntimeState()
         self._handles: list = []

@@ -102,6 +102,10 @@ class MemoryAttention(nn.Module):
             nn.init.normal_(lin.weight, std=init_std)
         if wo_init == "zero":  # the layer adds exactly 0 at init: a pretrained model is unchanged
             nn.init.zeros_(self.o.weight)
+        elif wo_init == "identity":  # W_o = I and zero values (W_v here, the bank's for learned values):
+            nn.init.eye_(self.o.weight)  # also 0 at init, but the values get gradient from the first step
+            if self.v is not None:
+                nn.init.zeros_([m for m in self.v.modules() if isinstance(m, nn.Linear)][-1].weight)
         self.router = Router(hidden, num_chapters, init_std) if num_chapters > 1 else None
         self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 

@@ -66,6 +66,16 @@ class MemoryBank(nn.Module):
                     for p in self.chapters:
                         p[:, :self.width] *= key_init_std / init_std
 
+    def zero_values_(self) -> None:
+        """Learned keys and values: set every value to 0 (keys untouched)."""
+        assert self.learned_kv and not self.bits
+        with torch.no_grad():
+            if self.kind == "factorized":
+                self.right[self.right.shape[0] // 2:] = 0
+            else:
+                for p in self.chapters:
+                    p[:, self.width:] = 0
+
     def read(self, chapter_ids: list[int]) -> torch.Tensor:
         """The slots of the given chapters: (U, S, row), row = width (2 * width with learned keys and values).
         Only these chapters enter the graph (float bank) or get dequantized (quantized bank)."""
