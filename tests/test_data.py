@@ -153,6 +153,29 @@ def test_build_data_synthetic_pretraining_is_packed_and_deterministic():
     assert bundle.eval_examples["attention_mask"].sum() == eval_stream
 
 
+def test_replay_mixes_old_people_into_the_training_documents(monkeypatch):
+    import memory_transformer.data as data_module
+
+    packed = []
+    real_pack = data_module.pack_documents
+    monkeypatch.setattr(data_module, "pack_documents", lambda docs, *a, **k: packed.append(docs) or real_pack(docs, *a, **k))
+    bundle = build_data(_cfg(num_people=20, people=[10, 20], replay_people=[0, 10], replay_fraction=0.25,
+                             samples_per_epoch=40), ByteTokenizer())
+    bundle.train_examples(0)
+    names = [p.name for p in SyntheticFacts(20, 0).people]
+    docs = packed[-1]
+    old = sum(any(n in d for n in names[:10]) for d in docs)
+    new = sum(any(n in d for n in names[10:]) for d in docs)
+    assert (len(docs), old, new) == (40, 10, 30)  # 25% of the 40 documents replay people 0..9
+    assert {p.name for p in bundle.facts.people} == set(names[10:])  # recall probes: the new people only
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_replay_fraction_must_be_a_share(fraction):
+    with pytest.raises(ConfigError, match=rf"data.replay_fraction: must be in \(0, 1\), got {fraction}"):
+        _cfg(num_people=20, replay_people=[0, 10], replay_fraction=fraction)
+
+
 def test_samples_per_epoch():
     bundle = build_data(_cfg(num_people=10, samples_per_epoch=7, model={"max_seq_len": 16}), ByteTokenizer())
     tokens = sum(len(d) + 1 for d in bundle.facts.train_documents(0, 7))

@@ -96,6 +96,8 @@ class DataConfig:
     source: str = "synthetic_facts"  # synthetic_facts | a local file (.txt/.jsonl/.parquet) | hf:<dataset name>
     num_people: int = 60
     people: list[int] | None = None  # [start, stop]: use only people[start:stop] of the corpus
+    replay_people: list[int] | None = None  # [start, stop]: mix documents of these (already known) people in
+    replay_fraction: float = 0.1  # ... as this share of the training documents (replay baseline)
     seed: int = 0
     path: str | None = None
     hf_config: str | None = None
@@ -332,10 +334,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
-    p = cfg.data.people
-    if p is not None and (len(p) != 2 or not 0 <= p[0] < p[1] <= cfg.data.num_people):
-        raise ConfigError("data.people", f"must be [start, stop] with 0 <= start < stop <= data.num_people "
-                          f"({cfg.data.num_people}), got {p}")
+    for key in ("people", "replay_people"):
+        p = getattr(cfg.data, key)
+        if p is not None and (len(p) != 2 or not 0 <= p[0] < p[1] <= cfg.data.num_people):
+            raise ConfigError(f"data.{key}", f"must be [start, stop] with 0 <= start < stop <= data.num_people "
+                              f"({cfg.data.num_people}), got {p}")
+    if not 0.0 < cfg.data.replay_fraction < 1.0:
+        raise ConfigError("data.replay_fraction", f"must be in (0, 1), got {cfg.data.replay_fraction}")
     if cfg.data.mode == "instruction_finetuning" and m.tokenizer == "bytes":
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"

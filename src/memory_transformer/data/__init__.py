@@ -52,18 +52,23 @@ def build_data(cfg: Config, tokenizer) -> DataBundle:
 
 def _synthetic(cfg: Config, tokenizer) -> DataBundle:
     d = cfg.data
-    facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
-    if d.people is not None:  # e.g. pretrain on one half of the people, teach the other half later
-        facts = facts.subset(*d.people)
+    corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
+    # e.g. pretrain on one half of the people, teach the other half later
+    facts = corpus.subset(*d.people) if d.people is not None else corpus
     n = d.samples_per_epoch or 4 * len(facts.people)
     encode = _encoder(cfg, tokenizer)
     chat = d.mode == "instruction_finetuning"
     docs = facts.train_messages if chat else facts.train_documents
     eval_docs = facts.eval_messages(len(facts.people)) if chat else facts.eval_documents(len(facts.people))
+    replay, n_replay = None, 0
+    if d.replay_people is not None:  # replay: a share of each epoch's documents is about already known people
+        old = corpus.subset(*d.replay_people)
+        replay, n_replay = (old.train_messages if chat else old.train_documents), round(n * d.replay_fraction)
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
-        return _shuffle(encode(docs(epoch, n), False), d.seed, epoch)
+        epoch_docs = docs(epoch, n - n_replay) + (replay(epoch, n_replay) if replay else [])
+        return _shuffle(encode(epoch_docs, False), d.seed, epoch)
 
     return DataBundle(train, encode(eval_docs, True), facts)
 
