@@ -158,7 +158,11 @@ def test_replay_mixes_old_people_into_the_training_documents(monkeypatch):
 
     packed = []
     real_pack = data_module.pack_documents
-    monkeypatch.setattr(data_module, "pack_documents", lambda docs, *a, **k: packed.append(docs) or real_pack(docs, *a, **k))
+    def pack(docs, *args, **kwargs):
+        packed.append(docs)
+        return real_pack(docs, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "pack_documents", pack)
     bundle = build_data(_cfg(num_people=20, people=[10, 20], replay_people=[0, 10], replay_fraction=0.25,
                              samples_per_epoch=40), ByteTokenizer())
     bundle.train_examples(0)

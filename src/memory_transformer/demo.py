@@ -100,7 +100,11 @@ METHODS = {  # name -> overrides of the teaching config
 }
 
 
-def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None) -> dict[str, dict]:
+def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None,
+                     methods: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Train the base (or reuse the one already in `out`), then teach it with each method: name -> overrides of
+    the teaching config (default METHODS). LoRA's rank is set to match the trainable parameters of the teaching
+    config's memory; a method's own `lora.r=...` wins."""
     from memory_transformer.data.synthetic_facts import SyntheticFacts
     from memory_transformer.evaluate import fact_recall
     from memory_transformer.export import export_hf
@@ -108,17 +112,23 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
 
     root = Path(out or f"runs/demo-adapter-{time.strftime('%Y%m%d-%H%M%S')}")
     old, new = base_cfg.data.people, teach_cfg.data.people
-    print(f"== base: vanilla model learns people {old[0]}..{old[1] - 1} ({base_cfg.training.max_steps} steps)")
-    base_run = train(load_config(base_cfg.to_dict(), [f"training.output_dir={root / 'base'}"]))
-    export_hf(load_model(root / "base" / "final"), root / "base_hf")
     facts = SyntheticFacts(teach_cfg.data.num_people, teach_cfg.data.seed, teach_cfg.data.qa_fraction)
     old_facts = facts.subset(*old)
+    base_result = root / "base_result.json"
+    if base_result.exists() and (root / "base_hf" / "config.json").exists():
+        print(f"== base: reusing {root / 'base_hf'}")
+        results = {"base": json.loads(base_result.read_text())}
+    else:
+        print(f"== base: vanilla model learns people {old[0]}..{old[1] - 1} ({base_cfg.training.max_steps} steps)")
+        base_run = train(load_config(base_cfg.to_dict(), [f"training.output_dir={root / 'base'}"]))
+        export_hf(load_model(root / "base" / "final"), root / "base_hf")
+        results = {"base": {"recall_old": base_run["recall_qa"], "wall_time_s": base_run["wall_time_s"]}}
+        base_result.write_text(json.dumps(results["base"]))
     teach = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
     probe = build_model(load_config(teach_cfg.to_dict(), [*teach, *METHODS["memory"]]))
     rank, _ = matching_lora_rank(probe)
-    results = {"base": {"recall_old": base_run["recall_qa"], "wall_time_s": base_run["wall_time_s"]}}
-    for name, overrides in METHODS.items():
-        cfg = load_config(teach_cfg.to_dict(), [*teach, *overrides, f"lora.r={rank}",
+    for name, overrides in (methods or METHODS).items():
+        cfg = load_config(teach_cfg.to_dict(), [*teach, f"lora.r={rank}", *overrides,
                                                 f"training.output_dir={root / name}"])
         print(f"== {name}: teaching people {new[0]}..{new[1] - 1} ({cfg.training.max_steps} steps)")
         summary = train(cfg)
@@ -126,6 +136,7 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
         results[name] = {"trainable": summary["param_counts"]["trainable"], "recall_new": summary["recall_qa"],
                          "recall_new_heldout": summary["recall_qa_heldout"],
                          "recall_old": fact_recall(model, model.tokenizer, old_facts, ["recall_qa"])["recall_qa"],
+                         "bits_per_param": summary["recall_qa_bits"] / summary["param_counts"]["trainable"],
                          "tokens_per_s": _mean_tokens_per_s(root / name), "wall_time_s": summary["wall_time_s"]}
     print()
     print(format_adapter_table(results, rank))
@@ -145,15 +156,16 @@ def _mean_tokens_per_s(run_dir: Path) -> float:
 
 def format_adapter_table(results: dict[str, dict], rank: int) -> str:
     lines = [f"LoRA rank {rank} matches the memory's trainable parameters",
-             f"{'method':<14}{'trainable':>12}{'new QA':>9}{'new QA held-out':>17}{'old QA':>9}{'tokens/s':>10}"
-             f"{'time (s)':>10}"]
+             f"{'method':<14}{'trainable':>12}{'new QA':>9}{'new QA held-out':>17}{'old QA':>9}{'bits/param':>11}"
+             f"{'tokens/s':>10}{'time (s)':>10}"]
     for name, r in results.items():
         if name == "base":
-            lines.append(f"{'base (before)':<14}{'-':>12}{'-':>9}{'-':>17}{r['recall_old']:>9.1%}{'-':>10}"
-                         f"{r['wall_time_s']:>10.0f}")
+            lines.append(f"{'base (before)':<14}{'-':>12}{'-':>9}{'-':>17}{r['recall_old']:>9.1%}{'-':>11}"
+                         f"{'-':>10}{r['wall_time_s']:>10.0f}")
             continue
         lines.append(f"{name:<14}{r['trainable']:>12,}{r['recall_new']:>9.1%}{r['recall_new_heldout']:>17.1%}"
-                     f"{r['recall_old']:>9.1%}{r['tokens_per_s']:>10,.0f}{r['wall_time_s']:>10.0f}")
+                     f"{r['recall_old']:>9.1%}{r['bits_per_param']:>11.5f}{r['tokens_per_s']:>10,.0f}"
+                     f"{r['wall_time_s']:>10.0f}")
     return "\n".join(lines)
 
 
