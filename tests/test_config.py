@@ -96,3 +96,12 @@ def test_cli_missing_config_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "memory_transformer", "info", "--config", str(tmp_path / "no.yaml")],
                        capture_output=True, text=True)
     assert (r.returncode, r.stderr) == (2, f"error: config file not found: {tmp_path / 'no.yaml'}\n")
+
+
+def test_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  lr: 3e-4\n  max_steps: 1\n")
+    cfg = load_config(str(path), ["training.weight_decay=1E-2", "memory.init_std=-2e-3"])
+    assert (cfg.training.lr, cfg.training.weight_decay, cfg.memory.init_std) == (3e-4, 1e-2, -2e-3)
+    with pytest.raises(ConfigError, match=r"training.max_steps: got '1e3'; allowed: an integer"):
+        load_config(str(path), ["training.max_steps=1e3"])

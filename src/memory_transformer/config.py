@@ -270,6 +270,9 @@ def _describe(tp: Any) -> str:
     )
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming the key and the allowed values."""
     origin = typing.get_origin(tp)
@@ -292,6 +295,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, dict):
             return _build(tp, value, f"{key}.")
         raise ConfigError(key, f"got {value!r}; allowed: {_describe(tp)}")
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; every user means the number
     ok = {
         type(None): value is None,
         bool: isinstance(value, bool),
