@@ -78,9 +78,9 @@ def test_token_routing_cost_does_not_grow_with_chapters(C, monkeypatch):
     scores, projected = [], []
     real_attend, real_read = attention_module.attend_with_lse, bank.read
 
-    def attend(q, K, V, dropout=0.0):
+    def attend(q, K, V, dropout=0.0, slot_top_k=None):
         scores.append(q.shape[0] * K.shape[0] * K.shape[1])  # n queries x H heads x S slots
-        return real_attend(q, K, V, dropout)
+        return real_attend(q, K, V, dropout, slot_top_k)
 
     monkeypatch.setattr(attention_module, "attend_with_lse", attend)
     monkeypatch.setattr(bank, "read", lambda ids: projected.extend(ids) or real_read(ids))
