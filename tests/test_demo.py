@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from memory_transformer import load_config
+from memory_transformer.config import ConfigError
 from memory_transformer.demo import run_adapter_demo, run_demo
 
 TINY = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -43,6 +46,12 @@ def test_adapter_demo_compares_methods_at_matched_parameters_and_reuses_the_base
     assert "== base: reusing" in capsys.readouterr().out
     assert set(again) == {"base", "lora-r2"} and again["base"] == results["base"]
     assert again["lora-r2"]["trainable"] == 2 * per_rank
+    third = run_adapter_demo(_base_cfg(), _teach_cfg(), str(out), {"lora-r2": ["memory.enabled=false",
+                                                                               "lora.enabled=true", "lora.r=2"]})
+    assert "== lora-r2: reusing" in capsys.readouterr().out and third == again  # same config: not retrained
+    with pytest.raises(ConfigError, match="already holds a run"):  # changed config, same name: refused
+        run_adapter_demo(_base_cfg(), _teach_cfg(), str(out), {"lora-r2": ["memory.enabled=false",
+                                                                           "lora.enabled=true", "lora.r=3"]})
 
 
 def test_demo_compares_vanilla_and_memory(tmp_path):

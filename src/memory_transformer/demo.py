@@ -104,7 +104,8 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
                      methods: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """Train the base (or reuse the one already in `out`), then teach it with each method: name -> overrides of
     the teaching config (default METHODS). LoRA's rank is set to match the trainable parameters of the teaching
-    config's memory; a method's own `lora.r=...` wins."""
+    config's memory; a method's own `lora.r=...` wins. A method already run in `out` with the same resolved
+    config is not trained again: its saved result is reused (a changed config meets the run folder's refusal)."""
     from memory_transformer.data.synthetic_facts import SyntheticFacts
     from memory_transformer.evaluate import fact_recall
     from memory_transformer.export import export_hf
@@ -130,6 +131,11 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     for name, overrides in (methods or METHODS).items():
         cfg = load_config(teach_cfg.to_dict(), [*teach, f"lora.r={rank}", *overrides,
                                                 f"training.output_dir={root / name}"])
+        saved, resolved = root / name / "result.json", json.loads(json.dumps(cfg.to_dict()))
+        if saved.exists() and json.loads(saved.read_text())["config"] == resolved:
+            print(f"== {name}: reusing {saved} (same config)")
+            results[name] = json.loads(saved.read_text())["result"]
+            continue
         print(f"== {name}: teaching people {new[0]}..{new[1] - 1} ({cfg.training.max_steps} steps)")
         summary = train(cfg)
         model = load_model(root / name / "final")
@@ -138,6 +144,7 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
                          "recall_old": fact_recall(model, model.tokenizer, old_facts, ["recall_qa"])["recall_qa"],
                          "bits_per_param": summary["recall_qa_bits"] / summary["param_counts"]["trainable"],
                          "tokens_per_s": _mean_tokens_per_s(root / name), "wall_time_s": summary["wall_time_s"]}
+        saved.write_text(json.dumps({"config": resolved, "result": results[name]}, indent=2))
     print()
     print(format_adapter_table(results, rank))
     (root / "comparison.json").write_text(json.dumps(results, indent=2))
