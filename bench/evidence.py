@@ -59,8 +59,8 @@ def plot(summary: dict, path: Path) -> None:
         ax.bar([i + offset for i in range(len(methods))], [statistics.mean(v) for v in vals], 0.4,
                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], capsize=4, label=label)
     ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize="small")
-    ax.set(ylabel="QA exact-match recall", ylim=(0, 1), title="memory vs LoRA (mean ± std over seeds)")
-    ax.legend()
+    ax.set(ylabel="QA exact-match recall", ylim=(0, 1.15), title="memory vs LoRA (mean ± std over seeds)")
+    ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
