@@ -246,3 +246,16 @@ def test_generate_rejects_unknown_routing_and_uses_inference_defaults():
         model.generate(_ids(), routing="sideways")
     n = model.config.inference.max_new_tokens
     assert model.generate(_ids(1, 5), min_new_tokens=n).shape == (1, 5 + n)
+
+
+@pytest.mark.parametrize("trained,configured,expected", [("sequence", None, "sequence"), ("token", None, "token"),
+                                                          ("token", "sequence", "sequence")])
+def test_generation_routes_as_trained_unless_inference_routing_says_otherwise(trained, configured, expected):
+    """A token-routed memory read with sequence routing would see chapters it was never trained on."""
+    model = _model(C=8, k=1, routing=trained)
+    model.config.inference.routing = configured
+    log = _record(model)
+    default = model.generate(_ids(1, 12), **GREEDY).tolist()
+    prompt_shape = {r.ids.shape for r in log[0].values()}
+    assert prompt_shape == ({(1, 12, 1)} if expected == "token" else {(1, 1)})
+    assert default == model.generate(_ids(1, 12), **GREEDY, routing=expected).tolist()

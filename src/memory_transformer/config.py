@@ -164,8 +164,8 @@ class TrainingConfig:
 class InferenceConfig:
     # sequence: route once on the prompt; rolling: re-route on the last `rolling_window` tokens while generating
     # (the prompt on its last W); token: every token picks its own chapters; hybrid: sequence for the prompt,
-    # rolling while generating.
-    routing: Literal["sequence", "rolling", "token", "hybrid"] = "sequence"
+    # rolling while generating; null = as trained (`memory.routing`: sequence or token).
+    routing: Literal["sequence", "rolling", "token", "hybrid"] | None = None
     rolling_window: int = 32
     max_new_tokens: int = 64
     greedy: bool = True  # false = sample with temperature / top_k / top_p

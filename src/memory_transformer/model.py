@@ -88,15 +88,16 @@ class MemoryModel(nn.Module):
     def generate(self, *args, routing: str | None = None, **kwargs):
         """`transformers` generate (KV cache, batching with left padding). Arguments not given take their
         `inference` defaults (max_new_tokens, greedy or temperature/top_k/top_p sampling). `routing` picks how
-        memory chapters are chosen: sequence | rolling | token | hybrid (default `inference.routing`; see
-        memory/strategies.py)."""
+        memory chapters are chosen: sequence | rolling | token | hybrid (default `inference.routing`, which
+        defaults to the routing the memory was trained with, `memory.routing`; see memory/strategies.py)."""
         kwargs = {**self._generation_defaults(kwargs), **kwargs}
         if self.memory is None:
             return self.base.generate(*args, **kwargs)
         inf = self.config.inference
         state = self.memory.state
         state.routing.clear()
-        state.generation = GenerationRouting(routing or inf.routing, inf.rolling_window)
+        state.generation = GenerationRouting(routing or inf.routing or self.config.memory.routing,
+                                            inf.rolling_window)
         try:
             return self.base.generate(*args, **kwargs)
         finally:
