@@ -132,9 +132,10 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
         cfg = load_config(teach_cfg.to_dict(), [*teach, f"lora.r={rank}", *overrides,
                                                 f"training.output_dir={root / name}"])
         saved, resolved = root / name / "result.json", json.loads(json.dumps(cfg.to_dict()))
-        if saved.exists() and json.loads(saved.read_text())["config"] == resolved:
+        prior = json.loads(saved.read_text()) if saved.exists() else None
+        if prior is not None and prior["config"] == resolved:
             print(f"== {name}: reusing {saved} (same config)")
-            results[name] = json.loads(saved.read_text())["result"]
+            results[name] = prior["result"]
             continue
         print(f"== {name}: teaching people {new[0]}..{new[1] - 1} ({cfg.training.max_steps} steps)")
         summary = train(cfg)
