@@ -1,5 +1,6 @@
 """Adapters on a frozen pretrained base, the LoRA baseline through peft, export, and the generate command."""
 
+import json
 import subprocess
 import sys
 
@@ -163,3 +164,31 @@ def test_generate_command_streams_and_batches(tmp_path):
     assert lines[0] == "Ada was born in" + expected
     missing = subprocess.run([*cmd[:-3], "--prompt-file", str(tmp_path / "no.txt")], capture_output=True, text=True)
     assert (missing.returncode, missing.stderr) == (2, f"error: --prompt-file: file not found: {tmp_path / 'no.txt'}\n")
+
+
+def test_sample_documents_is_seeded_and_leaves_the_random_state_alone(saved_base):
+    from memory_transformer.generate import sample_documents
+
+    model = build_model(tiny_config(memory={"enabled": False}, model={"pretrained": str(saved_base())}))
+    state = torch.random.get_rng_state()
+    a = sample_documents(model, 5, 16, seed=1, batch_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(a) == 5 and a == sample_documents(model, 5, 16, seed=1, batch_size=2)
+    assert a != sample_documents(model, 5, 16, seed=2, batch_size=2)
+    assert all(len(d) <= 15 for d in a) and sum(map(len, a)) > 0  # <= max_tokens - 1 new bytes, specials dropped
+
+
+def test_generated_replay_samples_the_plain_base_and_a_resumed_run_reads_them_back(saved_base, tmp_path):
+    from memory_transformer.generate import sample_documents
+    from memory_transformer.train.trainer import REPLAY_FILE, Trainer
+
+    base_path = saved_base()
+    cfg = load_config(_adapter_cfg(base_path, tmp_path, lora=True).to_dict(),
+                      ["data.replay_generated=4", "data.replay_fraction=0.25", "training.save_steps=1"])
+    train(cfg, progress=False)
+    saved = [json.loads(line)["text"] for line in (tmp_path / "run" / REPLAY_FILE).read_text().splitlines()]
+    plain = build_model(tiny_config(memory={"enabled": False}, model={"pretrained": str(base_path)}))
+    assert saved == sample_documents(plain, 4, 64, seed=0, batch_size=2)  # no memory, no LoRA in the sampler
+    kept = ["kept one.", "kept two."]
+    (tmp_path / "run" / REPLAY_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
+    assert Trainer(cfg, resume=True, progress=False).replay_docs == kept

@@ -373,3 +373,50 @@ def test_synthetic_instruction_finetuning(chat_tokenizer):
     bundle = build_data(cfg, tok)
     assert bundle.train_examples(0)["input_ids"].shape == (12, 128)
     assert bundle.eval_examples["input_ids"].shape == (3, 128)
+
+
+def test_generated_replay_is_the_replay_fraction_of_each_epoch(monkeypatch):
+    import memory_transformer.data as data_module
+
+    packed = []
+    real_pack = data_module.pack_documents
+    monkeypatch.setattr(data_module, "pack_documents", lambda docs, *a, **k: packed.append(docs) or real_pack(docs, *a, **k))
+    pool = [f"sample {i}." for i in range(6)]
+    cfg = _cfg(num_people=20, people=[10, 20], replay_generated=6, replay_fraction=0.25, samples_per_epoch=40,
+               model={"pretrained": "some/base"})
+    bundle = build_data(cfg, ByteTokenizer(), pool)
+    bundle.train_examples(0)
+    epoch0 = [d for d in packed[-1] if d in pool]
+    assert (len(packed[-1]), len(epoch0)) == (40, 10)  # 25% of 40 documents
+    assert sorted(epoch0.count(d) for d in pool) == [1, 1, 2, 2, 2, 2]  # the pool once, then 4 of a fresh pass
+    bundle.train_examples(1)
+    assert [d for d in packed[-1] if d in pool] != epoch0  # a fresh draw each epoch
+
+
+def test_generated_replay_joins_file_documents(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"document {i:02d}\n\n" for i in range(30)))
+    cfg = _cfg(source=str(path), eval_fraction=0.0, replay_generated=3, replay_fraction=0.25,
+               model={"max_seq_len": 8, "pretrained": "some/base"})
+    bundle = build_data(cfg, ByteTokenizer(), ["abc", "def", "ghi"])
+    text = ByteTokenizer().decode(bundle.train_examples(0)["input_ids"].flatten(), skip_special_tokens=False)
+    counts = [text.count(s) for s in ("abc", "def", "ghi")]
+    assert sum(counts) == 10 and max(counts) - min(counts) <= 1  # 30 documents + 10 replayed = 25%
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"replay_generated": 0}, "data.replay_generated: must be a positive integer, got 0"),
+    ({"replay_generated": 8, "replay_people": [0, 10]},
+     "data.replay_generated: replays samples of the model; data.replay_people replays known documents: "
+     "set one of them, not both"),
+    ({"replay_generated": 8, "model": {"pretrained": None}},
+     "data.replay_generated: needs model.pretrained: samples of a randomly initialised model hold no knowledge "
+     "to keep"),
+    ({"replay_generated": 8, "mode": "instruction_finetuning", "model": {"tokenizer": "some/tokenizer"}},
+     "data.replay_generated: supports data.mode pretraining only, got instruction_finetuning"),
+])
+def test_generated_replay_errors(overrides, message):
+    model = {"pretrained": "some/base", **overrides.pop("model", {})}
+    with pytest.raises(ConfigError) as e:
+        _cfg(num_people=20, model=model, **overrides)
+    assert str(e.value) == message

@@ -98,6 +98,7 @@ class DataConfig:
     people: list[int] | None = None  # [start, stop]: use only people[start:stop] of the corpus
     replay_people: list[int] | None = None  # [start, stop]: mix documents of these (already known) people in
     replay_fraction: float = 0.1  # ... as this share of the training documents (replay baseline)
+    replay_generated: int | None = None  # or this many samples of the frozen pretrained model: replay, no old data
     seed: int = 0
     path: str | None = None
     hf_config: str | None = None
@@ -346,6 +347,7 @@ def validate(cfg: Config) -> None:
                               f"({cfg.data.num_people}), got {p}")
     if not 0.0 < cfg.data.replay_fraction < 1.0:
         raise ConfigError("data.replay_fraction", f"must be in (0, 1), got {cfg.data.replay_fraction}")
+    _check_generated_replay(cfg)
     if cfg.data.mode == "instruction_finetuning" and m.tokenizer == "bytes":
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"
@@ -354,6 +356,21 @@ def validate(cfg: Config) -> None:
     for tracker in t.log_with:
         if tracker not in ("tensorboard", "wandb", "trackio", "none"):
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
+
+
+def _check_generated_replay(cfg: Config) -> None:
+    d = cfg.data
+    if d.replay_generated is None:
+        return
+    _positive("data.replay_generated", d.replay_generated)
+    if d.replay_people is not None:
+        raise ConfigError("data.replay_generated", "replays samples of the model; data.replay_people replays "
+                          "known documents: set one of them, not both")
+    if cfg.model.pretrained is None:
+        raise ConfigError("data.replay_generated", "needs model.pretrained: samples of a randomly initialised "
+                          "model hold no knowledge to keep")
+    if d.mode != "pretraining":
+        raise ConfigError("data.replay_generated", f"supports data.mode pretraining only, got {d.mode}")
 
 
 def _positive(key: str, value: int) -> None:

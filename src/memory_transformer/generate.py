@@ -50,6 +50,25 @@ def generate_texts(model: MemoryModel, prompts: list[str], batch_size: int = 8, 
     return outs
 
 
+def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, batch_size: int = 16) -> list[str]:
+    """`n` documents sampled from `model` (temperature 1, no top-k or top-p), `batch_size` at a time. Each starts
+    after the end-of-text token, as documents follow each other in packed training data, and ends at the next
+    one or after `max_tokens`. Seeded by `seed` without touching the caller's random state."""
+    tok, docs = model.tokenizer, []
+    model.eval()
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            ids = torch.full((b, 1), tok.eos_token_id, dtype=torch.long, device=model.device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens - 1,
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            docs += [tok.decode(row[1:], skip_special_tokens=True) for row in out.tolist()]
+    return docs
+
+
 def generate_cli(args) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     model = load_model(args.checkpoint, overrides=[*args.set, *generation_overrides(args)])

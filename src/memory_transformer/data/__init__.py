@@ -21,7 +21,7 @@ import torch
 
 from memory_transformer.config import Config, ConfigError
 from memory_transformer.data.sources import load_documents
-from memory_transformer.data.synthetic_facts import Person, RecallItem, SyntheticFacts
+from memory_transformer.data.synthetic_facts import Person, RecallItem, SyntheticFacts, draw_passes
 
 __all__ = ["DataBundle", "build_data", "SyntheticFacts", "Person", "RecallItem", "pack_documents", "chat_examples"]
 
@@ -35,14 +35,19 @@ class DataBundle:
     facts: SyntheticFacts | None = None  # people and recall probes (synthetic source only)
 
 
-def build_data(cfg: Config, tokenizer) -> DataBundle:
-    """Read `cfg.data`, tokenize, and return the per-epoch training examples and the fixed eval set."""
+def build_data(cfg: Config, tokenizer, replay_docs: list[str] | None = None) -> DataBundle:
+    """Read `cfg.data`, tokenize, and return the per-epoch training examples and the fixed eval set.
+    `replay_docs` (samples of the pretrained model, `data.replay_generated`) are mixed into the training
+    documents as `data.replay_fraction` of them."""
     if cfg.data.source == "synthetic_facts":
-        return _synthetic(cfg, tokenizer)
+        return _synthetic(cfg, tokenizer, replay_docs)
     d, T = cfg.data, cfg.model.max_seq_len
     docs = load_documents(d)
     n_eval = round(len(docs) * d.eval_fraction) if len(docs) > 1 else 0
     train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+    if replay_docs:  # the replayed share of the documents: f = n_replay / (n_train + n_replay)
+        n_replay = round(len(train_docs) * d.replay_fraction / (1 - d.replay_fraction))
+        train_docs = train_docs + draw_passes(replay_docs, n_replay, random.Random(f"{d.seed}:replay"))
     encode = _encoder(cfg, tokenizer)
     train = encode(train_docs, False)
     if len(train["input_ids"]) == 0:
@@ -50,7 +55,7 @@ def build_data(cfg: Config, tokenizer) -> DataBundle:
     return DataBundle(_shuffled(train, d.seed), encode(eval_docs, True))
 
 
-def _synthetic(cfg: Config, tokenizer) -> DataBundle:
+def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBundle:
     d = cfg.data
     corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
     # e.g. pretrain on one half of the people, teach the other half later
@@ -64,6 +69,9 @@ def _synthetic(cfg: Config, tokenizer) -> DataBundle:
     if d.replay_people is not None:  # replay: a share of each epoch's documents is about already known people
         old = corpus.subset(*d.replay_people)
         replay, n_replay = (old.train_messages if chat else old.train_documents), round(n * d.replay_fraction)
+    elif replay_docs:  # replay of the pretrained model's own samples: a fresh draw from the pool each epoch
+        replay, n_replay = (lambda epoch, k: draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))), \
+            round(n * d.replay_fraction)
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:

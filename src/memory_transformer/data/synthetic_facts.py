@@ -169,6 +169,14 @@ def _make_person(rng: random.Random, name: str) -> Person:
     return Person(name, date, *picks)
 
 
+def draw_passes(pool: list, k: int, rng: random.Random) -> list:
+    """k items of pool in whole shuffled passes: each item is drawn once before any is drawn twice."""
+    out: list = []
+    while len(out) < k:
+        out += rng.sample(pool, len(pool))
+    return out[:k]
+
+
 def qa_line(question: str, person: Person, attribute: str) -> str:
     return f"{question.format(name=person.name)} Answer: {getattr(person, attribute)}."
 
@@ -231,10 +239,7 @@ class SyntheticFacts:
 
     def _people_cycle(self, rng: random.Random, n: int) -> list[Person]:
         # Whole shuffled passes over the people, so exposures per person differ by at most one per epoch.
-        out: list[Person] = []
-        while len(out) < n:
-            out += rng.sample(self.people, len(self.people))
-        return out[:n]
+        return draw_passes(self.people, n, rng)
 
     def train_messages(self, epoch: int, n: int) -> list[list[dict]]:
         rng = random.Random(f"{self.seed}:train_chat:{epoch}")

@@ -5,7 +5,8 @@ The loss of a step is the token-mean cross-entropy over that whole global batch 
 divided by the global token count), so W processes give the same step as one process with the same global
 batch. The router losses are computed once per step over the pooled router inputs of the global batch.
 
-Run folder (`training.output_dir`): config.yaml, metrics.jsonl, checkpoints/step-NNNNNN/, best/, final/, plots/.
+Run folder (`training.output_dir`): config.yaml, metrics.jsonl, checkpoints/step-NNNNNN/, best/, final/, plots/,
+and replay_samples.jsonl with `data.replay_generated`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from memory_transformer.config import Config, ConfigError
+from memory_transformer.config import Config, ConfigError, load_config
 from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
+from memory_transformer.generate import sample_documents
 from memory_transformer.model import build_model, load_weights, save_model
 from memory_transformer.train import checkpoint as ckpt
 from memory_transformer.train.optim import make_optimizer, make_scheduler
+
+
+REPLAY_FILE = "replay_samples.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -75,7 +80,8 @@ class Trainer:
         if self.t.gradient_checkpointing:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = model.tokenizer
-        self.data = build_data(cfg, self.tokenizer)
+        self.replay_docs = self._generated_replay(resume_from is not None) if cfg.data.replay_generated else None
+        self.data = build_data(cfg, self.tokenizer, self.replay_docs)
         self.global_batch = self.t.batch_size * self.t.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
         optimizer = make_optimizer(model, self.t)
@@ -114,7 +120,28 @@ class Trainer:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.run_dir / "config.yaml")
+            if self.replay_docs is not None:
+                (self.run_dir / REPLAY_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in self.replay_docs))
         self.acc.wait_for_everyone()
+
+    def _generated_replay(self, resuming: bool) -> list[str]:
+        """`data.replay_generated` documents sampled from the frozen pretrained model (no memory, no LoRA) by the
+        main process and shared with the others. A resumed run reads back the ones its run folder keeps."""
+        from accelerate.utils import broadcast_object_list
+
+        d, path, docs = self.cfg.data, self.run_dir / REPLAY_FILE, None
+        if self.acc.is_main_process:
+            if resuming and path.is_file():
+                docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+            else:
+                plain = load_config(self.cfg.to_dict(), ["memory.enabled=false", "lora.enabled=false"])
+                devices = [self.acc.device] if self.acc.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):  # build_model seeds; the run's RNG stays as it was
+                    base = build_model(plain, device=self.acc.device)
+                docs = sample_documents(base, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
+                                        self.t.batch_size)
+                del base
+        return broadcast_object_list([docs])[0]
 
     def _total_steps(self) -> int:
         if self.t.max_steps is not None:
