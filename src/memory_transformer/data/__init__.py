@@ -70,8 +70,10 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
         old = corpus.subset(*d.replay_people)
         replay, n_replay = (old.train_messages if chat else old.train_documents), round(n * d.replay_fraction)
     elif replay_docs:  # replay of the pretrained model's own samples: a fresh draw from the pool each epoch
-        replay, n_replay = (lambda epoch, k: draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))), \
-            round(n * d.replay_fraction)
+        n_replay = round(n * d.replay_fraction)
+
+        def replay(epoch: int, k: int) -> list[str]:
+            return draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
