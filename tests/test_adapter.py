@@ -192,3 +192,52 @@ def test_generated_replay_samples_the_plain_base_and_a_resumed_run_reads_them_ba
     kept = ["kept one.", "kept two."]
     (tmp_path / "run" / REPLAY_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
     assert Trainer(cfg, resume=True, progress=False).replay_docs == kept
+
+
+def test_adapters_disabled_gives_the_plain_base_and_restores_the_adapters(saved_base):
+    base_path = saved_base()
+    model = build_model(tiny_config(model={"pretrained": str(base_path)}, lora=LORA))
+    _with_random_lora(model)
+    plain = AutoModelForCausalLM.from_pretrained(base_path)
+    x = _ids()
+    adapted = model(x).logits
+    assert not torch.allclose(adapted, plain(x).logits, atol=1e-3)
+    with model.adapters_disabled():
+        torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=0, atol=1e-5)
+    assert torch.equal(model(x).logits, adapted)
+
+
+def test_distill_loss_is_cross_entropy_on_own_tokens_plus_kl_on_replayed_ones():
+    import torch.nn.functional as F
+
+    from memory_transformer.evaluate import token_loss_sums
+    from memory_transformer.train.trainer import distill_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[1, 4] = -100
+    replay = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    none = torch.zeros_like(replay)
+    assert torch.equal(distill_loss_sum(logits, teacher, labels, none), token_loss_sums(logits, labels)[0])
+    own_ce = F.cross_entropy(logits[0, :2], labels[0, 1:3], reduction="sum")  # predictions of tokens 1, 2
+    kl = sum(F.kl_div(logits[b, t].log_softmax(-1), teacher[b, t].log_softmax(-1), log_target=True, reduction="sum")
+             for b, t in [(0, 2), (0, 3), (1, 0), (1, 1), (1, 2)])  # targets 3, 4 of row 0; 1..3 of row 1
+    torch.testing.assert_close(distill_loss_sum(logits, teacher, labels, replay), own_ce + kl)
+    assert distill_loss_sum(logits, logits, labels, torch.ones_like(replay)).abs() < 1e-5  # model = teacher
+
+
+def test_distilled_replay_run_starts_at_zero_kl(saved_base, tmp_path):
+    from memory_transformer.evaluate import token_loss_sums
+    from memory_transformer.train.trainer import Trainer
+
+    cfg = load_config(_adapter_cfg(saved_base(), tmp_path, lora=True).to_dict(),
+                      ["data.replay_generated=4", "data.replay_fraction=0.5", "data.replay_loss=distill",
+                       "memory.wo_init=identity", "memory.kv=learned"])
+    trainer = Trainer(cfg, progress=False)
+    micro = next(m for m in iter(trainer._next_batch, None) if 0 < m[0]["replay"].sum() < m[0]["replay"].numel())
+    mb = micro[0]  # a batch with own and replayed tokens
+    with torch.no_grad():  # memory adds 0 and LoRA's B is 0 at init: model = teacher, so KL = 0
+        own = mb["labels"].masked_fill(mb["replay"].bool(), -100)
+        expected = token_loss_sums(trainer.model(mb["input_ids"]).logits, own)[0] / (mb["labels"][:, 1:] != -100).sum()
+    assert trainer._forward_backward(micro)["loss"] == pytest.approx(expected.item(), rel=1e-5)

@@ -13,6 +13,7 @@ from memory_transformer.data import build_data, chat_example, pack_documents
 from memory_transformer.data import sources
 from memory_transformer.data.synthetic_facts import (
     BIO_TEMPLATES,
+    draw_passes,
     HELD_OUT_BIO,
     HELD_OUT_QUESTIONS,
     SyntheticFacts,
@@ -414,9 +415,37 @@ def test_generated_replay_joins_file_documents(tmp_path):
      "to keep"),
     ({"replay_generated": 8, "mode": "instruction_finetuning", "model": {"tokenizer": "some/tokenizer"}},
      "data.replay_generated: supports data.mode pretraining only, got instruction_finetuning"),
+    ({"replay_loss": "distill"},
+     "data.replay_loss: distill needs replayed documents: set data.replay_people or data.replay_generated"),
+    ({"replay_loss": "distill", "replay_people": [0, 10], "model": {"freeze_base": False}},
+     "data.replay_loss: distill learns replayed tokens from the frozen pretrained model: needs model.pretrained "
+     "with a frozen base (model.freeze_base not false)"),
+    ({"replay_loss": "distill", "replay_people": [0, 10], "mode": "instruction_finetuning",
+      "model": {"tokenizer": "some/tokenizer"}},
+     "data.replay_loss: distill supports data.mode pretraining only, got instruction_finetuning"),
+    ({"replay_loss": "kl"}, None),
 ])
-def test_generated_replay_errors(overrides, message):
+def test_replay_errors(overrides, message):
     model = {"pretrained": "some/base", **overrides.pop("model", {})}
     with pytest.raises(ConfigError) as e:
         _cfg(num_people=20, model=model, **overrides)
-    assert str(e.value) == message
+    assert str(e.value) == (message or "data.replay_loss: got 'kl'; allowed: lm | distill")
+
+
+def test_pack_documents_marks_replayed_tokens():
+    tok = ByteTokenizer()
+    ex = pack_documents(["abc", "de", "fgh"], tok, 4, replay_from=2)  # stream: abc|de|fgh| = 10 tokens
+    assert ex["replay"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]  # "fgh" starts at stream position 7
+    assert "replay" not in pack_documents(["abc"], tok, 2)
+
+
+def test_distilled_replay_marks_the_replayed_share():
+    pool = [f"sample {i}." for i in range(6)]
+    cfg = _cfg(num_people=20, people=[10, 20], replay_generated=6, replay_fraction=0.25, replay_loss="distill",
+               samples_per_epoch=40, model={"pretrained": "some/base"})
+    bundle = build_data(cfg, ByteTokenizer(), pool)
+    ex = bundle.train_examples(0)
+    own = sum(len(d) + 1 for d in bundle.facts.train_documents(0, 30))  # 30 own documents come first
+    replayed = sum(len(d) + 1 for d in draw_passes(pool, 10, random.Random("0:replay:0")))
+    assert ex["replay"].sum() == (own + replayed) // 64 * 64 - own  # every replayed token of the full blocks
+    assert ex["replay"].shape == ex["input_ids"].shape

@@ -99,6 +99,7 @@ class DataConfig:
     replay_people: list[int] | None = None  # [start, stop]: mix documents of these (already known) people in
     replay_fraction: float = 0.1  # ... as this share of the training documents (replay baseline)
     replay_generated: int | None = None  # or this many samples of the frozen pretrained model: replay, no old data
+    replay_loss: Literal["lm", "distill"] = "lm"  # replayed tokens: next-token loss, or KL to the frozen base
     seed: int = 0
     path: str | None = None
     hf_config: str | None = None
@@ -347,7 +348,7 @@ def validate(cfg: Config) -> None:
                               f"({cfg.data.num_people}), got {p}")
     if not 0.0 < cfg.data.replay_fraction < 1.0:
         raise ConfigError("data.replay_fraction", f"must be in (0, 1), got {cfg.data.replay_fraction}")
-    _check_generated_replay(cfg)
+    _check_replay(cfg)
     if cfg.data.mode == "instruction_finetuning" and m.tokenizer == "bytes":
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"
@@ -358,8 +359,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
 
 
-def _check_generated_replay(cfg: Config) -> None:
+def _check_replay(cfg: Config) -> None:
     d = cfg.data
+    if d.replay_loss == "distill":
+        if d.replay_people is None and d.replay_generated is None:
+            raise ConfigError("data.replay_loss", "distill needs replayed documents: set data.replay_people or "
+                              "data.replay_generated")
+        if cfg.model.pretrained is None or cfg.model.freeze_base is False:
+            raise ConfigError("data.replay_loss", "distill learns replayed tokens from the frozen pretrained model: "
+                              "needs model.pretrained with a frozen base (model.freeze_base not false)")
+        if d.mode != "pretraining":
+            raise ConfigError("data.replay_loss", f"distill supports data.mode pretraining only, got {d.mode}")
     if d.replay_generated is None:
         return
     _positive("data.replay_generated", d.replay_generated)

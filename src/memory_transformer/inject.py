@@ -64,6 +64,7 @@ class RuntimeState:
         self.past_length = 0  # generation: positions already in the KV cache before this forward
         self.generation: GenerationRouting | None = None  # set by MemoryModel.generate for one call
         self.routing: dict[int, Routing] = {}  # layer index -> last routing decision
+        self.bypass = False  # True: the hooks add nothing, the decoder computes the base model alone
 
 
 class MemoryStack(nn.Module):
@@ -135,6 +136,8 @@ class MemoryStack(nn.Module):
 
     def _pre_norm(self, i: int, stash: dict):
         def hook(module, args):
+            if self.state.bypass:
+                return None
             h1 = args[0]
             if self.cfg.block_variant == "B":
                 stash["h1"] = h1
@@ -147,6 +150,8 @@ class MemoryStack(nn.Module):
 
     def _post_mlp(self, i: int, stash: dict):
         def hook(module, args, y):
+            if self.state.bypass:
+                return None
             if self.cfg.block_variant == "A":
                 return y + stash.pop("m")
             block = self.blocks[str(i)]

@@ -10,6 +10,7 @@ A saved model is a folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -103,6 +104,19 @@ class MemoryModel(nn.Module):
         finally:
             state.generation = None
             state.routing.clear()
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Within: the frozen base model alone (memory reads skipped, LoRA off), e.g. as a distillation teacher."""
+        lora = self.base.disable_adapter() if _has_lora(self) else contextlib.nullcontext()
+        if self.memory is not None:
+            self.memory.state.bypass = True
+        try:
+            with lora:
+                yield self
+        finally:
+            if self.memory is not None:
+                self.memory.state.bypass = False
 
     def _generation_defaults(self, given: dict) -> dict:
         inf = self.config.inference
@@ -263,6 +277,12 @@ def _tokenizer_name(cfg: Config) -> str:
 # Saving and loading (safetensors only; nothing is unpickled)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "model.safetensors"
+
+
+def _has_lora(model: MemoryModel) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model.base, PeftModel)
 
 
 def _is_adapter(model: MemoryModel) -> bool:

@@ -45,11 +45,12 @@ def build_data(cfg: Config, tokenizer, replay_docs: list[str] | None = None) -> 
     docs = load_documents(d)
     n_eval = round(len(docs) * d.eval_fraction) if len(docs) > 1 else 0
     train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+    n_own = len(train_docs)
     if replay_docs:  # the replayed share of the documents: f = n_replay / (n_train + n_replay)
-        n_replay = round(len(train_docs) * d.replay_fraction / (1 - d.replay_fraction))
+        n_replay = round(n_own * d.replay_fraction / (1 - d.replay_fraction))
         train_docs = train_docs + draw_passes(replay_docs, n_replay, random.Random(f"{d.seed}:replay"))
     encode = _encoder(cfg, tokenizer)
-    train = encode(train_docs, False)
+    train = encode(train_docs, False, n_own if d.replay_loss == "distill" else None)
     if len(train["input_ids"]) == 0:
         raise ConfigError("model.max_seq_len", f"the training documents do not fill one block of {T} tokens")
     return DataBundle(_shuffled(train, d.seed), encode(eval_docs, True))
@@ -75,19 +76,21 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
         def replay(epoch: int, k: int) -> list[str]:
             return draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))
 
+    replay_from = n - n_replay if d.replay_loss == "distill" else None  # distillation marks replayed tokens
+
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
         epoch_docs = docs(epoch, n - n_replay) + (replay(epoch, n_replay) if replay else [])
-        return _shuffle(encode(epoch_docs, False), d.seed, epoch)
+        return _shuffle(encode(epoch_docs, False, replay_from), d.seed, epoch)
 
     return DataBundle(train, encode(eval_docs, True), facts)
 
 
 def _encoder(cfg: Config, tokenizer) -> Callable[[list, bool], Examples]:
     T = cfg.model.max_seq_len
-    if cfg.data.mode == "instruction_finetuning":
-        return lambda docs, is_eval: chat_examples(docs, tokenizer, T)
-    return lambda docs, is_eval: pack_documents(docs, tokenizer, T, pad_remainder=is_eval)
+    if cfg.data.mode == "instruction_finetuning":  # replay_from: distillation is for pretraining mode only
+        return lambda docs, is_eval, replay_from=None: chat_examples(docs, tokenizer, T)
+    return lambda docs, is_eval, replay_from=None: pack_documents(docs, tokenizer, T, is_eval, replay_from)
 
 
 def _shuffle(ex: Examples, seed: int, epoch: int) -> Examples:
@@ -105,14 +108,20 @@ def _shuffled(ex: Examples, seed: int) -> Callable[[int], Examples]:
 # Pretraining: pack documents into full blocks
 
 
-def pack_documents(docs: list[str], tokenizer, T: int, pad_remainder: bool = False) -> Examples:
+def pack_documents(docs: list[str], tokenizer, T: int, pad_remainder: bool = False,
+                   replay_from: int | None = None) -> Examples:
     """Concatenate `doc + eos` token streams and cut into blocks of T. The tail shorter than T is dropped,
-    or (for eval, where every token counts) padded with labels -100 and attention_mask 0."""
+    or (for eval, where every token counts) padded with labels -100 and attention_mask 0. With `replay_from`,
+    documents from that index on are replayed ones: a `replay` tensor (N, T) marks their tokens with 1."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream = [t for doc in docs for t in [*tokenizer.encode(doc, add_special_tokens=False), *eos]]
+    encoded = [[*tokenizer.encode(doc, add_special_tokens=False), *eos] for doc in docs]
+    stream = [t for ids in encoded for t in ids]
     n_full, tail = divmod(len(stream), T)
     ids = torch.tensor(stream[: n_full * T], dtype=torch.long).view(n_full, T)
     ex = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if replay_from is not None:
+        first = sum(len(x) for x in encoded[:replay_from])  # stream position of the first replayed token
+        ex["replay"] = (torch.arange(n_full * T) >= first).long().view(n_full, T)
     if pad_remainder and tail:
         last = _padded(stream[n_full * T :], stream[n_full * T :], T, tokenizer.pad_token_id)
         ex = {k: torch.cat([ex[k], last[k][None]]) for k in ex}

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from memory_transformer.config import Config, ConfigError, load_config
+from memory_transformer.config import Config, ConfigError
 from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
@@ -80,7 +81,7 @@ class Trainer:
         if self.t.gradient_checkpointing:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = model.tokenizer
-        self.replay_docs = self._generated_replay(resume_from is not None) if cfg.data.replay_generated else None
+        self.replay_docs = self._generated_replay(model, resume_from is not None) if cfg.data.replay_generated else None
         self.data = build_data(cfg, self.tokenizer, self.replay_docs)
         self.global_batch = self.t.batch_size * self.t.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
@@ -124,9 +125,10 @@ class Trainer:
                 (self.run_dir / REPLAY_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in self.replay_docs))
         self.acc.wait_for_everyone()
 
-    def _generated_replay(self, resuming: bool) -> list[str]:
-        """`data.replay_generated` documents sampled from the frozen pretrained model (no memory, no LoRA) by the
-        main process and shared with the others. A resumed run reads back the ones its run folder keeps."""
+    def _generated_replay(self, model, resuming: bool) -> list[str]:
+        """`data.replay_generated` documents sampled from the frozen pretrained model (the model being trained,
+        adapters off) by the main process and shared with the others. A resumed run reads back the ones its run
+        folder keeps."""
         from accelerate.utils import broadcast_object_list
 
         d, path, docs = self.cfg.data, self.run_dir / REPLAY_FILE, None
@@ -134,13 +136,10 @@ class Trainer:
             if resuming and path.is_file():
                 docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
             else:
-                plain = load_config(self.cfg.to_dict(), ["memory.enabled=false", "lora.enabled=false"])
-                devices = [self.acc.device] if self.acc.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):  # build_model seeds; the run's RNG stays as it was
-                    base = build_model(plain, device=self.acc.device)
-                docs = sample_documents(base, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
-                                        self.t.batch_size)
-                del base
+                with model.to(self.acc.device).adapters_disabled():
+                    docs = sample_documents(model, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
+                                            self.t.batch_size)
+                model.train()
         return broadcast_object_list([docs])[0]
 
     def _total_steps(self) -> int:
@@ -176,8 +175,12 @@ class Trainer:
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
             with nullcontext() if last else acc.no_sync(self.model), acc.autocast():
+                teacher = self._teacher_logits(mb) if "replay" in mb else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
-                ce, _ = token_loss_sums(out.logits, mb["labels"])
+                if teacher is None:
+                    ce, _ = token_loss_sums(out.logits, mb["labels"])
+                else:
+                    ce = distill_loss_sum(out.logits, teacher, mb["labels"], mb["replay"])
                 loss = ce * acc.num_processes / n_tokens  # DDP averages gradients over processes
                 if memory is not None:
                     for i, x in memory.router_inputs().items():
@@ -191,6 +194,13 @@ class Trainer:
             ce_total += ce.detach()
         lm = (acc.reduce(torch.as_tensor(ce_total, device=acc.device).float(), reduction="sum") / n_tokens).item()
         return {"loss": lm, "router_loss": aux_value, "tokens": int(n_tokens.item()), "usage": usage}
+
+    @torch.no_grad()
+    def _teacher_logits(self, mb: dict) -> torch.Tensor:
+        """`data.replay_loss: distill`: the frozen base's logits (memory and LoRA off) for a micro-batch."""
+        model = self.unwrapped
+        with model.adapters_disabled():
+            return model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False).logits
 
     def _step(self) -> dict:
         result = self._forward_backward(self._next_batch())
@@ -330,6 +340,18 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in _flat(row).items() if isinstance(v, (int, float)) and k != "step"}
         self.acc.log(scalars, step=row["step"])
+
+
+def distill_loss_sum(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                     replay: torch.Tensor) -> torch.Tensor:
+    """Summed loss over the predicted tokens: next-token cross-entropy where the target token belongs to the
+    run's own data, KL(teacher || model) over the vocabulary where it belongs to a replayed document."""
+    own = labels.masked_fill(replay.bool(), -100)
+    ce, _ = token_loss_sums(logits, own)
+    mask = replay[:, 1:].bool() & (labels[:, 1:] != -100)  # (B, T-1): predictions of replayed tokens
+    student = logits[:, :-1][mask].float().log_softmax(-1)
+    target = teacher[:, :-1][mask].float().log_softmax(-1)
+    return ce + F.kl_div(student, target, log_target=True, reduction="sum")
 
 
 def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
