@@ -204,6 +204,9 @@ def test_adapters_disabled_gives_the_plain_base_and_restores_the_adapters(saved_
     assert not torch.allclose(adapted, plain(x).logits, atol=1e-3)
     with model.adapters_disabled():
         torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=0, atol=1e-5)
+        with model.adapters_disabled():  # nested: the outer one still holds after the inner one ends
+            pass
+        torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=0, atol=1e-5)
     assert torch.equal(model(x).logits, adapted)
 
 
@@ -227,17 +230,40 @@ def test_distill_loss_is_cross_entropy_on_own_tokens_plus_kl_on_replayed_ones():
     assert distill_loss_sum(logits, logits, labels, torch.ones_like(replay)).abs() < 1e-5  # model = teacher
 
 
-def test_distilled_replay_run_starts_at_zero_kl(saved_base, tmp_path):
+def test_distilled_replay_step_is_own_cross_entropy_plus_kl_to_the_plain_base(saved_base, tmp_path):
+    import torch.nn.functional as F
+
     from memory_transformer.evaluate import token_loss_sums
     from memory_transformer.train.trainer import Trainer
 
-    cfg = load_config(_adapter_cfg(saved_base(), tmp_path, lora=True).to_dict(),
-                      ["data.replay_generated=4", "data.replay_fraction=0.5", "data.replay_loss=distill",
-                       "memory.wo_init=identity", "memory.kv=learned"])
+    base_path = saved_base()
+    cfg = load_config(_adapter_cfg(base_path, tmp_path, lora=True).to_dict(),
+                      ["data.replay_generated=4", "data.replay_fraction=0.5", "data.replay_loss=distill"])
     trainer = Trainer(cfg, progress=False)
+    _with_random_lora(trainer.unwrapped)  # memory (W_o normal) and LoRA both change the logits: model != teacher
     micro = next(m for m in iter(trainer._next_batch, None) if 0 < m[0]["replay"].sum() < m[0]["replay"].numel())
     mb = micro[0]  # a batch with own and replayed tokens
-    with torch.no_grad():  # memory adds 0 and LoRA's B is 0 at init: model = teacher, so KL = 0
-        own = mb["labels"].masked_fill(mb["replay"].bool(), -100)
-        expected = token_loss_sums(trainer.model(mb["input_ids"]).logits, own)[0] / (mb["labels"][:, 1:] != -100).sum()
-    assert trainer._forward_backward(micro)["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(base_path)
+    with torch.no_grad():
+        logits, teacher = trainer.unwrapped(mb["input_ids"]).logits, plain(mb["input_ids"]).logits
+        own_ce = token_loss_sums(logits, mb["labels"].masked_fill(mb["replay"].bool(), -100))[0]
+        at = mb["replay"][:, 1:].bool()  # predictions of replayed tokens
+        kl = F.kl_div(logits[:, :-1][at].log_softmax(-1), teacher[:, :-1][at].log_softmax(-1), log_target=True,
+                      reduction="sum")
+        expected = (own_ce + kl) / (mb["labels"][:, 1:] != -100).sum()
+    assert kl > 1e-3
+    assert trainer._forward_backward(micro)["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert trainer.unwrapped.training and not trainer.unwrapped.memory.state.bypass
+
+
+def test_resuming_a_generated_replay_run_without_its_samples_is_an_error(saved_base, tmp_path):
+    from memory_transformer.train.trainer import REPLAY_FILE, Trainer
+
+    cfg = load_config(_adapter_cfg(saved_base(), tmp_path).to_dict(),
+                      ["data.replay_generated=2", "training.save_steps=1", "training.max_steps=1"])
+    train(cfg, progress=False)
+    (tmp_path / "run" / REPLAY_FILE).unlink()
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, resume=True, progress=False)
+    assert str(e.value) == (f"--resume: {tmp_path / 'run' / REPLAY_FILE} is missing: the replayed samples of this "
+                            "run are gone; start a new run (another training.output_dir)")

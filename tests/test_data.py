@@ -423,6 +423,9 @@ def test_generated_replay_joins_file_documents(tmp_path):
     ({"replay_loss": "distill", "replay_people": [0, 10], "mode": "instruction_finetuning",
       "model": {"tokenizer": "some/tokenizer"}},
      "data.replay_loss: distill supports data.mode pretraining only, got instruction_finetuning"),
+    ({"replay_people": [0, 10], "source": "corpus.txt"},
+     "data.replay_people: needs data.source synthetic_facts (the people are its own), got corpus.txt; to replay "
+     "without old documents use data.replay_generated"),
     ({"replay_loss": "kl"}, None),
 ])
 def test_replay_errors(overrides, message):
@@ -437,6 +440,8 @@ def test_pack_documents_marks_replayed_tokens():
     ex = pack_documents(["abc", "de", "fgh"], tok, 4, replay_from=2)  # stream: abc|de|fgh| = 10 tokens
     assert ex["replay"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]  # "fgh" starts at stream position 7
     assert "replay" not in pack_documents(["abc"], tok, 2)
+    padded = pack_documents(["abc", "de", "fgh"], tok, 4, pad_remainder=True, replay_from=2)
+    assert padded["replay"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]]  # the tail "gh|" + a pad
 
 
 def test_distilled_replay_marks_the_replayed_share():

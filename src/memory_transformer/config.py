@@ -341,6 +341,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.replay_people is not None and cfg.data.source != "synthetic_facts":
+        raise ConfigError("data.replay_people", f"needs data.source synthetic_facts (the people are its own), got "
+                          f"{cfg.data.source}; to replay without old documents use data.replay_generated")
     for key in ("people", "replay_people"):
         p = getattr(cfg.data, key)
         if p is not None and (len(p) != 2 or not 0 <= p[0] < p[1] <= cfg.data.num_people):

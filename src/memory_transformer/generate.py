@@ -62,8 +62,10 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             ids = torch.full((b, 1), tok.eos_token_id, dtype=torch.long, device=model.device)
+            # Neutral settings given explicitly: a base's generation_config may carry e.g. a repetition penalty.
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens - 1,
-                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None,
+                                 repetition_penalty=1.0, no_repeat_ngram_size=0,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             docs += [tok.decode(row[1:], skip_special_tokens=True) for row in out.tolist()]
     return docs

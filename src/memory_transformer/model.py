@@ -109,6 +109,7 @@ class MemoryModel(nn.Module):
     def adapters_disabled(self):
         """Within: the frozen base model alone (memory reads skipped, LoRA off), e.g. as a distillation teacher."""
         lora = self.base.disable_adapter() if _has_lora(self) else contextlib.nullcontext()
+        previous = self.memory is not None and self.memory.state.bypass
         if self.memory is not None:
             self.memory.state.bypass = True
         try:
@@ -116,7 +117,7 @@ class MemoryModel(nn.Module):
                 yield self
         finally:
             if self.memory is not None:
-                self.memory.state.bypass = False
+                self.memory.state.bypass = previous
 
     def _generation_defaults(self, given: dict) -> dict:
         inf = self.config.inference

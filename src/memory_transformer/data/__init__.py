@@ -124,6 +124,8 @@ def pack_documents(docs: list[str], tokenizer, T: int, pad_remainder: bool = Fal
         ex["replay"] = (torch.arange(n_full * T) >= first).long().view(n_full, T)
     if pad_remainder and tail:
         last = _padded(stream[n_full * T :], stream[n_full * T :], T, tokenizer.pad_token_id)
+        if "replay" in ex:
+            last["replay"] = (torch.arange(n_full * T, (n_full + 1) * T) >= first).long()
         ex = {k: torch.cat([ex[k], last[k][None]]) for k in ex}
     return ex
 

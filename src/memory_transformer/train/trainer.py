@@ -132,8 +132,11 @@ class Trainer:
         from accelerate.utils import broadcast_object_list
 
         d, path, docs = self.cfg.data, self.run_dir / REPLAY_FILE, None
+        if resuming and not path.is_file():  # sampling again would not be bit-exact on every device
+            raise ConfigError("--resume", f"{path} is missing: the replayed samples of this run are gone; "
+                              "start a new run (another training.output_dir)")
         if self.acc.is_main_process:
-            if resuming and path.is_file():
+            if resuming:
                 docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
             else:
                 with model.to(self.acc.device).adapters_disabled():
@@ -175,7 +178,7 @@ class Trainer:
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
             with nullcontext() if last else acc.no_sync(self.model), acc.autocast():
-                teacher = self._teacher_logits(mb) if "replay" in mb else None
+                teacher = self._teacher_logits(mb) if "replay" in mb and mb["replay"].any() else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
                 if teacher is None:
                     ce, _ = token_loss_sums(out.logits, mb["labels"])
@@ -197,10 +200,15 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_logits(self, mb: dict) -> torch.Tensor:
-        """`data.replay_loss: distill`: the frozen base's logits (memory and LoRA off) for a micro-batch."""
+        """`data.replay_loss: distill`: the frozen base's logits (memory and LoRA off, eval mode) for a
+        micro-batch."""
         model = self.unwrapped
-        with model.adapters_disabled():
-            return model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False).logits
+        model.eval()
+        try:
+            with model.adapters_disabled():
+                return model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False).logits
+        finally:
+            model.train()
 
     def _step(self) -> dict:
         result = self._forward_backward(self._next_batch())
