@@ -176,6 +176,10 @@ def test_sample_documents_is_seeded_and_leaves_the_random_state_alone(saved_base
     assert len(a) == 5 and a == sample_documents(model, 5, 16, seed=1, batch_size=2)
     assert a != sample_documents(model, 5, 16, seed=2, batch_size=2)
     assert all(len(d) <= 15 for d in a) and sum(map(len, a)) > 0  # <= max_tokens - 1 new bytes, specials dropped
+    cold = sample_documents(model, 2, 16, seed=1, batch_size=2, temperature=1e-4)  # ~ greedy from end-of-text
+    eos = torch.full((1, 1), model.tokenizer.eos_token_id)
+    greedy = model.generate(input_ids=eos, attention_mask=torch.ones_like(eos), max_new_tokens=15, do_sample=False)
+    assert cold == [model.tokenizer.decode(greedy[0, 1:].tolist())] * 2
 
 
 def test_generated_replay_samples_the_plain_base_and_a_resumed_run_reads_them_back(saved_base, tmp_path):

@@ -426,6 +426,7 @@ def test_generated_replay_joins_file_documents(tmp_path):
     ({"replay_people": [0, 10], "source": "corpus.txt"},
      "data.replay_people: needs data.source synthetic_facts (the people are its own), got corpus.txt; to replay "
      "without old documents use data.replay_generated"),
+    ({"replay_generated": 8, "replay_temperature": 0.0}, "data.replay_temperature: must be > 0, got 0.0"),
     ({"replay_loss": "kl"}, None),
 ])
 def test_replay_errors(overrides, message):

@@ -99,6 +99,7 @@ class DataConfig:
     replay_people: list[int] | None = None  # [start, stop]: mix documents of these (already known) people in
     replay_fraction: float = 0.1  # ... as this share of the training documents (replay baseline)
     replay_generated: int | None = None  # or this many samples of the frozen pretrained model: replay, no old data
+    replay_temperature: float = 1.0  # sampling temperature of replay_generated (below 1: fewer, cleaner samples)
     replay_loss: Literal["lm", "distill"] = "lm"  # replayed tokens: next-token loss, or KL to the frozen base
     seed: int = 0
     path: str | None = None
@@ -373,6 +374,8 @@ def _check_replay(cfg: Config) -> None:
                               "needs model.pretrained with a frozen base (model.freeze_base not false)")
         if d.mode != "pretraining":
             raise ConfigError("data.replay_loss", f"distill supports data.mode pretraining only, got {d.mode}")
+    if not d.replay_temperature > 0:
+        raise ConfigError("data.replay_temperature", f"must be > 0, got {d.replay_temperature}")
     if d.replay_generated is None:
         return
     _positive("data.replay_generated", d.replay_generated)

@@ -50,8 +50,9 @@ def generate_texts(model: MemoryModel, prompts: list[str], batch_size: int = 8, 
     return outs
 
 
-def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, batch_size: int = 16) -> list[str]:
-    """`n` documents sampled from `model` (temperature 1, no top-k or top-p), `batch_size` at a time. Each starts
+def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, batch_size: int = 16,
+                     temperature: float = 1.0) -> list[str]:
+    """`n` documents sampled from `model` (no top-k or top-p), `batch_size` at a time. Each starts
     after the end-of-text token, as documents follow each other in packed training data, and ends at the next
     one or after `max_tokens`. Seeded by `seed` without touching the caller's random state."""
     tok, docs = model.tokenizer, []
@@ -64,7 +65,7 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
             ids = torch.full((b, 1), tok.eos_token_id, dtype=torch.long, device=model.device)
             # Neutral settings given explicitly: a base's generation_config may carry e.g. a repetition penalty.
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens - 1,
-                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None,
+                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
                                  repetition_penalty=1.0, no_repeat_ngram_size=0,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             docs += [tok.decode(row[1:], skip_special_tokens=True) for row in out.tolist()]

@@ -141,7 +141,7 @@ class Trainer:
             else:
                 with model.to(self.acc.device).adapters_disabled():
                     docs = sample_documents(model, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
-                                            self.t.batch_size)
+                                            self.t.batch_size, d.replay_temperature)
                 model.train()
         return broadcast_object_list([docs])[0]
 
