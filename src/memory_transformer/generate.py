@@ -54,8 +54,8 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
                      temperature: float = 1.0) -> list[str]:
     """`n` documents sampled from `model` (no top-k or top-p), `batch_size` at a time. Each starts
     after the end-of-text token, as documents follow each other in packed training data, and ends at the next
-    one or after `max_tokens`. Seeded by `seed` without touching the caller's random state."""
-    tok, docs = model.tokenizer, []
+    one or after `max_tokens`. Seeded by `seed` without touching the caller's random state or train mode."""
+    tok, docs, was_training = model.tokenizer, [], model.training
     model.eval()
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -69,6 +69,7 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
                                  repetition_penalty=1.0, no_repeat_ngram_size=0,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             docs += [tok.decode(row[1:], skip_special_tokens=True) for row in out.tolist()]
+    model.train(was_training)
     return docs
 
 

@@ -108,7 +108,7 @@ class MemoryModel(nn.Module):
     @contextlib.contextmanager
     def adapters_disabled(self):
         """Within: the frozen base model alone (memory reads skipped, LoRA off), e.g. as a distillation teacher."""
-        lora = self.base.disable_adapter() if _has_lora(self) else contextlib.nullcontext()
+        lora = self.base.disable_adapter() if self.config.lora.enabled else contextlib.nullcontext()
         previous = self.memory is not None and self.memory.state.bypass
         if self.memory is not None:
             self.memory.state.bypass = True
@@ -278,12 +278,6 @@ def _tokenizer_name(cfg: Config) -> str:
 # Saving and loading (safetensors only; nothing is unpickled)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "model.safetensors"
-
-
-def _has_lora(model: MemoryModel) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model.base, PeftModel)
 
 
 def _is_adapter(model: MemoryModel) -> bool:

@@ -119,14 +119,12 @@ def pack_documents(docs: list[str], tokenizer, T: int, pad_remainder: bool = Fal
     n_full, tail = divmod(len(stream), T)
     ids = torch.tensor(stream[: n_full * T], dtype=torch.long).view(n_full, T)
     ex = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    if replay_from is not None:
-        first = sum(len(x) for x in encoded[:replay_from])  # stream position of the first replayed token
-        ex["replay"] = (torch.arange(n_full * T) >= first).long().view(n_full, T)
     if pad_remainder and tail:
         last = _padded(stream[n_full * T :], stream[n_full * T :], T, tokenizer.pad_token_id)
-        if "replay" in ex:
-            last["replay"] = (torch.arange(n_full * T, (n_full + 1) * T) >= first).long()
         ex = {k: torch.cat([ex[k], last[k][None]]) for k in ex}
+    if replay_from is not None:
+        first = sum(len(x) for x in encoded[:replay_from])  # stream position of the first replayed token
+        ex["replay"] = (torch.arange(ex["input_ids"].numel()) >= first).long().view_as(ex["input_ids"])
     return ex
 
 

@@ -142,7 +142,6 @@ class Trainer:
                 with model.to(self.acc.device).adapters_disabled():
                     docs = sample_documents(model, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
                                             self.t.batch_size, d.replay_temperature)
-                model.train()
         return broadcast_object_list([docs])[0]
 
     def _total_steps(self) -> int:
