@@ -1,15 +1,21 @@
-"""Memory vs LoRA vs both on the adapter demo, over several seeds: mean ± std of new-fact recall, old-fact
-recall kept, trainable parameters and tokens/s, side by side, plus a plot.
+"""Named methods x seeds on the two demos, side by side: mean ± std of fact recall, parameters, bits per parameter
+and tokens/s, plus a plot.
 
     python bench/evidence.py --seeds 0 1 2 [--base-config configs/demo_adapter_base.yaml]
                              [--config configs/demo_adapter.yaml] [--set KEY=VALUE ...] [--out runs/evidence]
                              [--variant NAME KEY=VALUE ... ]...
+    python bench/evidence.py --scratch --seeds 0 1 2 [--config configs/demo.yaml] [--out runs/evidence-scratch] ...
+
+Adapter demo (default): new-fact recall, old-fact recall kept and trainable parameters of memory, LoRA (rank
+matched to the memory's trainable parameters) and both, each teaching a frozen base of its seed. `--scratch`:
+models trained from scratch on `configs/demo.yaml`'s facts: vanilla, vanilla with the MLP widened to the memory
+model's total parameters (the fair control), and memory; QA recall, bits recalled and bits per parameter.
 
 Each seed changes both the corpus (data.seed: other people) and the initialisation (training.seed). One seed
-takes about as long as `make demo-adapter`. `--variant` (repeatable) replaces the default methods (memory,
-lora, memory+lora) by named sets of overrides of the teaching config, e.g.
-`--variant lora memory.enabled=false lora.enabled=true --variant sparse memory.slot_top_k=32`. The trained base
-of each seed is kept in the output folder and reused by later calls with the same --out.
+takes about as long as `make demo-adapter` (or `make demo`). `--variant` (repeatable) replaces the default
+methods by named sets of overrides of the config, e.g.
+`--variant lora memory.enabled=false lora.enabled=true --variant sparse memory.slot_top_k=32`. A run already in
+the output folder with the same resolved config is reused, and so is the trained base of each adapter seed.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import statistics
 from pathlib import Path
 
 from memory_transformer import load_config
-from memory_transformer.demo import run_adapter_demo
+from memory_transformer.demo import matching_intermediate_size, run_adapter_demo, run_demo
 
-KEYS = [("recall_new", "new QA", "{:.1%}"), ("recall_new_heldout", "new QA held-out", "{:.1%}"),
-        ("recall_old", "old QA kept", "{:.1%}"), ("trainable", "trainable", "{:,.0f}"),
-        ("bits_per_param", "bits/param", "{:.5f}"), ("tokens_per_s", "tokens/s", "{:,.0f}")]
+ADAPTER_KEYS = [("recall_new", "new QA", "{:.1%}"), ("recall_new_heldout", "new QA held-out", "{:.1%}"),
+                ("recall_old", "old QA kept", "{:.1%}"), ("trainable", "trainable", "{:,.0f}"),
+                ("bits_per_param", "bits/param", "{:.5f}"), ("tokens_per_s", "tokens/s", "{:,.0f}")]
+SCRATCH_KEYS = [("recall_qa", "QA", "{:.1%}"), ("recall_qa_heldout", "QA held-out", "{:.1%}"),
+                ("recall_qa_bits", "bits recalled", "{:,.0f}"), ("parameters", "parameters", "{:,.0f}"),
+                ("bits_per_param", "bits/param", "{:.5f}"), ("tokens_per_s", "tokens/s", "{:,.0f}")]
 
 
 def mean_std(values: list[float], fmt: str) -> str:
@@ -32,21 +41,20 @@ def mean_std(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
 
 
-def summarise(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
+def summarise(runs: list[dict], keys: list) -> dict[str, dict[str, list[float]]]:
     methods = [m for m in runs[0] if m != "base"]
-    return {m: {k: [r[m][k] for r in runs] for k, _, _ in KEYS} for m in methods}
+    return {m: {k: [r[m][k] for r in runs] for k, _, _ in keys} for m in methods}
 
 
-def table(summary: dict, base_old: list[float], n: int) -> str:
+def table(summary: dict, keys: list, head: str) -> str:
     width = max(14, *(len(m) + 2 for m in summary))
-    lines = [f"{n} seed(s); old-fact QA recall of the base before teaching: {mean_std(base_old, '{:.1%}')}",
-             f"{'method':<{width}}" + "".join(f"{label:>22}" for _, label, _ in KEYS)]
+    lines = [head, f"{'method':<{width}}" + "".join(f"{label:>22}" for _, label, _ in keys)]
     for m, cols in summary.items():
-        lines.append(f"{m:<{width}}" + "".join(f"{mean_std(cols[k], fmt):>22}" for k, _, fmt in KEYS))
+        lines.append(f"{m:<{width}}" + "".join(f"{mean_std(cols[k], fmt):>22}" for k, _, fmt in keys))
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, bars: list[tuple[str, str]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,42 +62,66 @@ def plot(summary: dict, path: Path) -> None:
 
     methods = list(summary)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for offset, key, label in ((-0.2, "recall_new", "new facts"), (0.2, "recall_old", "old facts kept")):
+    for (key, label), offset in zip(bars, (-0.2, 0.2)):
         vals = [summary[m][key] for m in methods]
         ax.bar([i + offset for i in range(len(methods))], [statistics.mean(v) for v in vals], 0.4,
                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], capsize=4, label=label)
     ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize="small")
-    ax.set(ylabel="QA exact-match recall", ylim=(0, 1.15), title="memory vs LoRA (mean ± std over seeds)")
+    ax.set(ylabel="QA exact-match recall", ylim=(0, 1.15), title=f"{title} (mean ± std over seeds)")
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--base-config", default="configs/demo_adapter_base.yaml")
-    p.add_argument("--config", default="configs/demo_adapter.yaml")
-    p.add_argument("--set", action="append", default=[], help="override for the teaching config")
-    p.add_argument("--out", default="runs/evidence")
-    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                   help="a named method: overrides of the teaching config (repeatable; replaces the defaults)")
-    args = p.parse_args()
-    methods = {v[0]: v[1:] for v in args.variant} if args.variant else None
-    out = Path(args.out)
+def run_scratch(args, methods: dict | None) -> tuple[list[dict], list, str]:
+    runs = []
+    for seed in args.seeds:
+        cfg = load_config(args.config or "configs/demo.yaml", [f"data.seed={seed}", f"training.seed={seed}", *args.set])
+        if methods is None:
+            width = matching_intermediate_size(cfg)
+            methods = {"vanilla": ["memory.enabled=false"],
+                       f"vanilla-mlp{width}": ["memory.enabled=false", f"model.intermediate_size={width}"],
+                       "memory": ["memory.enabled=true"]}
+        runs.append(run_demo(cfg, str(Path(args.out) / f"seed-{seed}"), methods))
+    bits = statistics.mean(next(iter(r.values()))["knowledge_bits"] for r in runs)
+    return runs, SCRATCH_KEYS, f"{len(runs)} seed(s), from scratch; {cfg.data.num_people} people, {bits:,.0f} bits"
+
+
+def run_adapter(args, methods: dict | None) -> tuple[list[dict], list, str]:
     runs = []
     for seed in args.seeds:
         seeded = [f"data.seed={seed}", f"training.seed={seed}"]
         base = load_config(args.base_config, seeded)
-        teach = load_config(args.config, [*seeded, *args.set])
-        runs.append(run_adapter_demo(base, teach, str(out / f"seed-{seed}"), methods))
-    summary = summarise(runs)
+        teach = load_config(args.config or "configs/demo_adapter.yaml", [*seeded, *args.set])
+        runs.append(run_adapter_demo(base, teach, str(Path(args.out) / f"seed-{seed}"), methods))
+    base_old = mean_std([r["base"]["recall_old"] for r in runs], "{:.1%}")
+    return runs, ADAPTER_KEYS, f"{len(runs)} seed(s); old-fact QA recall of the base before teaching: {base_old}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scratch", action="store_true", help="compare models trained from scratch (configs/demo.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--base-config", default="configs/demo_adapter_base.yaml")
+    p.add_argument("--config", help="default: configs/demo_adapter.yaml, with --scratch configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], help="override for the (teaching) config")
+    p.add_argument("--out", help="default: runs/evidence, with --scratch runs/evidence-scratch")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="a named method: overrides of the config (repeatable; replaces the defaults)")
+    args = p.parse_args()
+    args.out = args.out or ("runs/evidence-scratch" if args.scratch else "runs/evidence")
+    methods = {v[0]: v[1:] for v in args.variant} if args.variant else None
+    runs, keys, head = (run_scratch if args.scratch else run_adapter)(args, methods)
+    summary = summarise(runs, keys)
     print()
-    print(table(summary, [r["base"]["recall_old"] for r in runs], len(runs)))
+    print(table(summary, keys, head))
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
-    plot(summary, out / "evidence.png")
+    bars = [("recall_qa", "QA"), ("recall_qa_heldout", "QA held-out")] if args.scratch else \
+        [("recall_new", "new facts"), ("recall_old", "old facts kept")]
+    plot(summary, bars, "from scratch" if args.scratch else "memory vs LoRA", out / "evidence.png")
     print(f"\nwritten: {out / 'evidence.json'}, {out / 'evidence.png'}")
 
 

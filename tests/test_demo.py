@@ -6,7 +6,8 @@ import pytest
 
 from memory_transformer import load_config
 from memory_transformer.config import ConfigError
-from memory_transformer.demo import run_adapter_demo, run_demo
+from memory_transformer.demo import matching_intermediate_size, run_adapter_demo, run_demo
+from memory_transformer.model import build_model
 
 TINY = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
         "intermediate_size": 64, "max_seq_len": 64, "tokenizer": "bytes"}
@@ -63,3 +64,29 @@ def test_demo_compares_vanilla_and_memory(tmp_path):
     assert results["memory"]["trainable"] == results["memory"]["parameters"]
     assert json.loads((tmp_path / "demo" / "comparison.json").read_text())["vanilla"]["knowledge_bits"] > 0
     assert (tmp_path / "demo" / "comparison.png").exists()
+
+
+def test_demo_methods_reuse_runs_with_the_same_config(tmp_path, capsys):
+    cfg = load_config({"model": TINY, "memory": {"num_tokens": 64, "num_heads": 4},
+                       "data": {"num_people": 3, "samples_per_epoch": 8},
+                       "training": {"max_steps": 2, "batch_size": 4, "log_with": ["none"], "logging_steps": 1}})
+    methods = {"wide": ["memory.enabled=false", "model.intermediate_size=96"]}
+    first = run_demo(cfg, str(tmp_path / "demo"), methods)
+    assert set(first) == {"wide"} and first["wide"]["tokens_per_s"] > 0
+    assert first["wide"]["parameters"] == 2 * 3 * 32 * (96 - 64) + sum(
+        p.numel() for p in build_model(load_config(cfg.to_dict(), ["memory.enabled=false"])).parameters())
+    again = run_demo(cfg, str(tmp_path / "demo"), methods)
+    assert "== wide: reusing" in capsys.readouterr().out and again == first
+
+
+def test_matching_intermediate_size_spends_the_memory_parameters_on_the_mlp():
+    cfg = load_config({"model": TINY, "memory": {"num_tokens": 64, "num_heads": 4}, "training": {"max_steps": 1}})
+
+    def total(overrides):
+        return sum(p.numel() for p in build_model(load_config(cfg.to_dict(), overrides)).parameters())
+
+    width = matching_intermediate_size(cfg)
+    memory = total(["memory.enabled=true"])
+    per_unit = 3 * 32 * 2  # gate, up, down rows of 2 layers
+    assert width > 64
+    assert abs(total(["memory.enabled=false", f"model.intermediate_size={width}"]) - memory) <= per_unit / 2

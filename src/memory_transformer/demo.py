@@ -25,20 +25,53 @@ ROWS = [  # (label, metric key, format)
 ]
 
 
-def run_demo(cfg: Config, out: str | None = None) -> dict[str, dict]:
+SCRATCH_METHODS = {"vanilla": ["memory.enabled=false"], "memory": ["memory.enabled=true"]}  # name -> overrides
+
+
+def run_demo(cfg: Config, out: str | None = None, methods: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Train `cfg` once per method (name -> overrides, default: vanilla and memory) on the same data and steps.
+    A method already run in `out` with the same resolved config is not trained again (see `_train_or_reuse`)."""
     root = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     results = {}
-    for name, enabled in (("vanilla", False), ("memory", True)):
-        run_cfg = load_config(cfg.to_dict(), [f"memory.enabled={str(enabled).lower()}",
-                                              f"training.output_dir={root / name}"])
-        print(f"== {name}: training {run_cfg.training.max_steps} steps into {root / name}")
-        results[name] = _summarise(train(run_cfg), root / name)
+    for name, overrides in (methods or SCRATCH_METHODS).items():
+        run_cfg = load_config(cfg.to_dict(), [*overrides, f"training.output_dir={root / name}"])
+        results[name] = _train_or_reuse(name, run_cfg, _summarise)
     print()
     print(format_table(results, cfg))
     (root / "comparison.json").write_text(json.dumps(results, indent=2))
     plot_comparison(results, root, root / "comparison.png")
     print(f"\ncomparison: {root / 'comparison.json'}, plot: {root / 'comparison.png'}")
     return results
+
+
+def _train_or_reuse(name: str, cfg: Config, result_of) -> dict:
+    """Train `cfg` and return `result_of(train summary, run folder)`, saved with the resolved config in the run folder's
+    result.json; when that file holds the same config, return its result without training (a changed config
+    meets the run folder's refusal)."""
+    run_dir = Path(cfg.training.output_dir)
+    saved, resolved = run_dir / "result.json", json.loads(json.dumps(cfg.to_dict()))
+    prior = json.loads(saved.read_text()) if saved.exists() else None
+    if prior is not None and prior["config"] == resolved:
+        print(f"== {name}: reusing {saved} (same config)")
+        return prior["result"]
+    print(f"== {name}: training {cfg.training.max_steps} steps into {run_dir}")
+    result = result_of(train(cfg), run_dir)
+    saved.write_text(json.dumps({"config": resolved, "result": result}, indent=2))
+    return result
+
+
+def matching_intermediate_size(cfg: Config) -> int:
+    """The MLP width at which the vanilla model of `cfg` has as many parameters as `cfg` with its memory: the
+    fair from-scratch control (memory's parameters spent on a wider MLP instead)."""
+    from memory_transformer.model import build_model
+
+    def total(overrides: list[str]) -> int:
+        return sum(p.numel() for p in build_model(load_config(cfg.to_dict(), overrides)).parameters())
+
+    m = cfg.model
+    width = m.intermediate_size or 4 * m.hidden_size
+    extra = total(["memory.enabled=true"]) - total(["memory.enabled=false"])
+    return width + round(extra / (3 * m.hidden_size * m.num_layers))  # gate, up, down: 3 x hidden per unit
 
 
 def _summarise(summary: dict, run_dir: Path) -> dict:
@@ -49,6 +82,7 @@ def _summarise(summary: dict, run_dir: Path) -> dict:
     out = {**summary, "parameters": counts["total"], "trainable": counts["trainable"],
            "final_loss": train_rows[-1]["loss"] if train_rows else float("nan")}
     out["bits_per_param"] = out.get("recall_qa_bits", 0) / max(out["trainable"], 1)
+    out["tokens_per_s"] = _mean_tokens_per_s(run_dir)
     return out
 
 
@@ -107,7 +141,6 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     config's memory; a method's own `lora.r=...` wins. A method already run in `out` with the same resolved
     config is not trained again: its saved result is reused (a changed config meets the run folder's refusal)."""
     from memory_transformer.data.synthetic_facts import SyntheticFacts
-    from memory_transformer.evaluate import fact_recall
     from memory_transformer.export import export_hf
     from memory_transformer.model import build_model, load_model, matching_lora_rank
 
@@ -131,27 +164,25 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     for name, overrides in (methods or METHODS).items():
         cfg = load_config(teach_cfg.to_dict(), [*teach, f"lora.r={rank}", *overrides,
                                                 f"training.output_dir={root / name}"])
-        saved, resolved = root / name / "result.json", json.loads(json.dumps(cfg.to_dict()))
-        prior = json.loads(saved.read_text()) if saved.exists() else None
-        if prior is not None and prior["config"] == resolved:
-            print(f"== {name}: reusing {saved} (same config)")
-            results[name] = prior["result"]
-            continue
-        print(f"== {name}: teaching people {new[0]}..{new[1] - 1} ({cfg.training.max_steps} steps)")
-        summary = train(cfg)
-        model = load_model(root / name / "final")
-        results[name] = {"trainable": summary["param_counts"]["trainable"], "recall_new": summary["recall_qa"],
-                         "recall_new_heldout": summary["recall_qa_heldout"],
-                         "recall_old": fact_recall(model, model.tokenizer, old_facts, ["recall_qa"])["recall_qa"],
-                         "bits_per_param": summary["recall_qa_bits"] / summary["param_counts"]["trainable"],
-                         "tokens_per_s": _mean_tokens_per_s(root / name), "wall_time_s": summary["wall_time_s"]}
-        saved.write_text(json.dumps({"config": resolved, "result": results[name]}, indent=2))
+        results[name] = _train_or_reuse(name, cfg, lambda summary, d: _adapter_result(summary, d, old_facts))
     print()
     print(format_adapter_table(results, rank))
     (root / "comparison.json").write_text(json.dumps(results, indent=2))
     plot_adapter(results, root / "comparison.png")
     print(f"\ncomparison: {root / 'comparison.json'}, plot: {root / 'comparison.png'}")
     return results
+
+
+def _adapter_result(summary: dict, run_dir: Path, old_facts) -> dict:
+    from memory_transformer.evaluate import fact_recall
+    from memory_transformer.model import load_model
+
+    model = load_model(run_dir / "final")
+    return {"trainable": summary["param_counts"]["trainable"], "recall_new": summary["recall_qa"],
+            "recall_new_heldout": summary["recall_qa_heldout"],
+            "recall_old": fact_recall(model, model.tokenizer, old_facts, ["recall_qa"])["recall_qa"],
+            "bits_per_param": summary["recall_qa_bits"] / summary["param_counts"]["trainable"],
+            "tokens_per_s": _mean_tokens_per_s(run_dir), "wall_time_s": summary["wall_time_s"]}
 
 
 def _mean_tokens_per_s(run_dir: Path) -> float:
