@@ -10,14 +10,17 @@ from memory_transformer import load_config
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
 # One row per memory variant (PEFT-style TEST_CASES): adding a variant is adding a row.
+# The defaults read learned keys and values, each query its best 8 slots; "projected" rows cover W_k/W_v and the
+# dense (all slots) read.
 MEMORY_CASES = {
     "standard-shared-A": {},
+    "projected-dense-shared-A": {"kv": "projected", "slot_top_k": None},
     "standard-per_layer-B": {"sharing": "per_layer", "block_variant": "B"},
     "factorized-every2-A": {"bank": "factorized", "bank_rank": 8, "sharing": "every:2"},
     "reduced_dim-shared-B": {"bank": "reduced_dim", "bank_rank": 16, "block_variant": "B"},
-    "lowrank_qkv-last1-A": {"qkv_rank": 8, "layers": "last:1"},
+    "lowrank_qkv-last1-A": {"qkv_rank": 8, "layers": "last:1", "kv": "projected", "slot_top_k": None},
     "dense-1chapter-A": {"num_chapters": 1, "top_k": 1},
-    "learned_kv-slot_top_k-null-A": {"kv": "learned", "slot_top_k": 4, "null_slot": True},
+    "slot_top_k4-null-A": {"slot_top_k": 4, "null_slot": True},
 }
 
 

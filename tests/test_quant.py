@@ -37,6 +37,19 @@ def test_int8_error_is_at_most_half_a_scale_per_row():
     assert (q.abs().amax(-1)[[0, 1, 2, 5]] == 127).all()  # the absmax value uses the full range
 
 
+def test_int8_scales_keys_and_values_of_a_learned_row_apart():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randn(16, 32, generator=g), 0.02 * torch.randn(16, 32, generator=g)], -1)  # [key | value]
+    q, scale = quantize_int8(rows, parts=2)
+    assert q.shape == (16, 64) and scale.shape == (16, 2)
+    back = dequantize_int8(q, scale)
+    assert ((back - rows).abs().unflatten(-1, (2, 32)) <= scale.float()[..., None] / 2).all()
+    values = rows[:, 32:]
+    rel = lambda b: ((b[:, 32:] - values).norm() / values.norm()).item()  # noqa: E731
+    assert rel(back) < 0.01
+    assert rel(dequantize_int8(*quantize_int8(rows))) > 0.2  # one scale per row: the values are mostly lost
+
+
 @pytest.mark.parametrize("group", [8, 16, 64])
 def test_int4_error_is_at_most_half_a_scale_per_group(group):
     x = _rows().view(2, 3, 64)  # leading dims are kept
@@ -77,8 +90,10 @@ def test_pack_unpack_round_trips_odd_and_even_lengths(n):
 
 
 def _model(bits=None, group=64, **memory):
-    """A tiny float model with a 256-slot bank of width 64 (quantized when `bits` is given)."""
-    model = build_model(tiny_config(model={"hidden_size": 64}, memory={"num_tokens": 256, **memory}))
+    """A tiny float model with a 256-slot bank of width 64 (projected K/V, every slot read; quantized when `bits`
+    is given)."""
+    memory = {"num_tokens": 256, "kv": "projected", "slot_top_k": None, **memory}
+    model = build_model(tiny_config(model={"hidden_size": 64}, memory=memory))
     return quantize_model(model, bits, group) if bits else model
 
 
@@ -122,7 +137,8 @@ def test_quantized_checkpoint_loads_to_identical_logits(case, bits, tmp_path):
 
 
 def test_quantized_adapter_holds_bank_buffers_and_loads_exactly(saved_base, tmp_path):
-    model = build_model(tiny_config(model={"pretrained": str(saved_base())}, memory={"quant_group_size": 16}))
+    model = build_model(tiny_config(model={"pretrained": str(saved_base())},
+                                    memory={"quant_group_size": 16, "kv": "projected"}))
     quantize_model(model, 4, 16)
     model.save_pretrained(tmp_path / "a")
     saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
@@ -145,9 +161,10 @@ def _memory_effect(model, x):
 
 # Rounding noise is s / sqrt(12) per value, s = absmax / qmax ~ 2.4 sigma / qmax for 64 Gaussian values:
 # ~0.5% of the bank's rms for int8, ~10% for int4; the memory's effect on the logits inherits it.
+@pytest.mark.parametrize("kv", ["projected", "learned"])
 @pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.2)])
-def test_quantized_logits_are_close_to_the_float_model(bits, tol):
-    model = _model().eval()
+def test_quantized_logits_are_close_to_the_float_model(bits, tol, kv):
+    model = _model(kv=kv).eval()
     x = _ids()
     fp, plain = _memory_effect(model, x)
     quantize_model(model, bits, 64)

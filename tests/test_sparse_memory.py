@@ -124,10 +124,18 @@ def test_learned_kv_bank_holds_keys_and_values_and_no_projections():
     assert not any(".attn.k." in n or ".attn.v." in n for n in names)
 
 
-def test_slot_top_k_larger_than_a_chapter_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"memory.slot_top_k: must be null or between 1 and the slots per "
-                                          r"chapter \(16\), got 17"):
-        tiny_config(memory={"slot_top_k": 17})
+def test_slot_top_k_of_a_whole_chapter_reads_every_slot():
+    ids = torch.randint(0, 200, (2, 12))
+    logits = {}
+    for top in (8, 16, 17, None):  # 16 slots per chapter
+        torch.manual_seed(0)
+        logits[top] = build_model(tiny_config(memory={"slot_top_k": top})).eval()(ids).logits
+    torch.testing.assert_close(logits[16], logits[None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[17], logits[None], atol=1e-5, rtol=1e-5)
+    assert (logits[8] - logits[None]).abs().max() > 1e-4  # a real top-8 read differs
+    with pytest.raises(ConfigError) as err:
+        tiny_config(memory={"slot_top_k": 0})
+    assert str(err.value) == "memory.slot_top_k: must be null or at least 1, got 0"
 
 
 @pytest.mark.parametrize("kv", ["learned", "projected"])
@@ -151,5 +159,9 @@ def test_identity_wo_adds_nothing_at_init_and_values_learn_from_the_first_step(k
 
 
 def test_identity_wo_needs_full_width():
-    with pytest.raises(ConfigError, match="memory.wo_init: identity needs the memory width to equal the model width"):
+    msg = ("memory.wo_init: identity (the default) needs the memory width to equal the model width; "
+           "set memory.wo_init to zero or normal with bank reduced_dim")
+    with pytest.raises(ConfigError) as err:
         tiny_config(memory={"wo_init": "identity", "bank": "reduced_dim", "bank_rank": 16})
+    assert str(err.value) == msg
+    assert tiny_config(memory={"wo_init": "zero", "bank": "reduced_dim", "bank_rank": 16}).memory.bank_rank == 16

@@ -63,11 +63,12 @@ class MemoryConfig:
     bank_rank: int | None = None  # required by factorized / reduced_dim
     num_heads: int = 4
     qkv_rank: int | None = None  # rank of low-rank Q/K/V projections; null = full rank
-    wo_init: Literal["zero", "normal", "identity"] = "zero"  # identity: W_o = I and values start at 0
+    wo_init: Literal["zero", "normal", "identity"] = "identity"  # identity: W_o = I, values 0; zero: W_o = 0
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
     routing: Literal["sequence", "token"] = "sequence"  # training: one chapter choice per sequence, or per token
-    kv: Literal["projected", "learned"] = "projected"  # keys/values: W_k, W_v of one bank row, or learned directly
-    slot_top_k: int | None = None  # sparse read: each query attends to its best slots of each chapter; null = all
+    kv: Literal["projected", "learned"] = "learned"  # keys/values: learned directly, or W_k, W_v of one bank row
+    slot_top_k: int | None = 8  # sparse read: each query attends to its best slots of each chapter; null = all
+    # (so does a slot_top_k of at least the slots per chapter)
     null_slot: bool = False  # a learned "nothing here" key with a zero value, so a query can read (almost) nothing
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
@@ -405,9 +406,8 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         )
     if not 1 <= mem.top_k <= mem.num_chapters:
         raise ConfigError("memory.top_k", f"must be between 1 and memory.num_chapters ({mem.num_chapters}), got {mem.top_k}")
-    if mem.slot_top_k is not None and not 1 <= mem.slot_top_k <= mem.num_tokens // max(mem.num_chapters, 1):
-        raise ConfigError("memory.slot_top_k", f"must be null or between 1 and the slots per chapter "
-                          f"({mem.num_tokens // max(mem.num_chapters, 1)}), got {mem.slot_top_k}")
+    if mem.slot_top_k is not None and mem.slot_top_k < 1:
+        raise ConfigError("memory.slot_top_k", f"must be null or at least 1, got {mem.slot_top_k}")
     if mem.bank in ("factorized", "reduced_dim") and not mem.bank_rank:
         raise ConfigError("memory.bank_rank", f"required (a positive integer) when memory.bank is {mem.bank}")
     if isinstance(mem.layers, str) and not _LAYER_SPEC.match(mem.layers):
@@ -420,8 +420,8 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
     if m.pretrained is None and dim % mem.num_heads:
         raise ConfigError("memory.num_heads", f"must divide the memory attention width ({dim}), got {mem.num_heads}")
     if mem.wo_init == "identity" and mem.bank == "reduced_dim":
-        raise ConfigError("memory.wo_init", "identity needs the memory width to equal the model width; "
-                          "use zero or normal with bank reduced_dim")
+        raise ConfigError("memory.wo_init", "identity (the default) needs the memory width to equal the model "
+                          "width; set memory.wo_init to zero or normal with bank reduced_dim")
     if not 0.0 <= mem.dropout < 1.0:
         raise ConfigError("memory.dropout", f"must be in [0, 1), got {mem.dropout}")
     _check_quantization(mem, m)

@@ -101,7 +101,8 @@ class MemoryBank(nn.Module):
         assert not self.bits and bits in (8, 4), (self.bits, bits)
         dtype, device = self.chapters[0].dtype, self.chapters[0].device
         self.num_values = sum(p.numel() for p in self.chapters)
-        stored = [quantize(p.detach(), bits, group_size) for p in self.chapters]  # [(q, scale)] per chapter
+        parts = 2 if self.learned_kv and self.kind != "factorized" else 1  # rows of [key | value]: a scale each
+        stored = [quantize(p.detach(), bits, group_size, parts) for p in self.chapters]  # [(q, scale)] per chapter
         del self.chapters
         self.q, self.scale = Buffers([q for q, _ in stored]), Buffers([s for _, s in stored])
         # Empty float buffer: follows `.to(dtype)` so reads come out in the model's current dtype. Not saved.

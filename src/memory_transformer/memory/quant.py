@@ -1,13 +1,15 @@
 """Quantized storage for memory banks (inference only): 8-bit per row, 4-bit packed per group.
 
 Both are symmetric absmax schemes, so 0 maps to 0 exactly and there is no zero point to store:
-- int8: q = round(x / s) in [-127, 127], one scale s = absmax(row) / 127 per row.
+- int8: q = round(x / s) in [-127, 127], one scale s = absmax / 127 per row, or per half row when a row holds
+  [key | value] (`kv: learned`: keys start with std 1, values at 0, and one scale for both would round the
+  values away).
 - int4: q = round(x / s) in [-7, 7] (not [-8, 7]: a symmetric range keeps +absmax and -absmax both exact),
   one scale s = absmax(group) / 7 per `group_size` consecutive values of a row; q + 8 (a nibble in 1..15) is
   packed two to a byte, low nibble first.
 
 Scales are stored in fp16: an int4 value then costs 0.5 + 2 / group_size bytes (0.53 at group 64, 0.133x of
-fp32), an int8 value 1 + 2 / width. Scales are rounded up to fp16, so no value is clipped and
+fp32), an int8 value 1 + 2 / width (1 + 4 / row with a learned key and value per row). Scales are rounded up to fp16, so no value is clipped and
 |x - dequantize(q)| <= s / 2 holds for the stored s. fp16 limits bank values to |x| < 7 * 65504 (int4).
 
 There is no quantization-aware training: a model is trained in float, then converted with `quantize_model`.
@@ -38,19 +40,22 @@ def _fp16_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# int8: per-row scales
+# int8: one scale per row, or per equal part of a row
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., W) float -> q (..., W) int8, scale (..., 1) fp16 with x ~ q * scale."""
-    scale = _fp16_scale(x.detach().abs().amax(-1, keepdim=True), INT8_MAX)  # (..., 1)
-    q = (x.detach().float() / scale.float()).round().clamp(-INT8_MAX, INT8_MAX)
-    return q.to(torch.int8), scale
+def quantize_int8(x: torch.Tensor, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., W) float, W divisible by parts -> q (..., W) int8, scale (..., parts) fp16 with x ~ q * scale
+    (each part of a row scaled on its own)."""
+    split = x.detach().float().unflatten(-1, (parts, x.shape[-1] // parts))  # (..., P, W/P)
+    scale = _fp16_scale(split.abs().amax(-1), INT8_MAX)  # (..., P)
+    q = (split / scale.float()[..., None]).round().clamp(-INT8_MAX, INT8_MAX)
+    return q.flatten(-2).to(torch.int8), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q (..., W) int8, scale (..., 1) -> (..., W) in `dtype`."""
-    return (q.float() * scale.float()).to(dtype)
+    """q (..., W) int8, scale (..., P) -> (..., W) in `dtype`."""
+    split = q.float().unflatten(-1, (scale.shape[-1], -1)) * scale.float()[..., None]  # (..., P, W/P)
+    return split.flatten(-2).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,8 +102,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int,
 # Dispatch by bit width (what a bank calls) and whole-model conversion
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_int8(x) if bits == 8 else quantize_int4(x, group_size)
+def quantize(x: torch.Tensor, bits: int, group_size: int, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 with a scale per row part (`parts` per row), or int4 with a scale per group of `group_size`."""
+    return quantize_int8(x, parts) if bits == 8 else quantize_int4(x, group_size)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
