@@ -25,7 +25,9 @@ from memory_transformer import build_model, load_config
 def make(args, memory: dict):
     cfg = load_config({
         "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": 4, "max_seq_len": 512},
-        "memory": {"num_heads": 4, "wo_init": "normal", "layers": f"last:{args.memory_layers}", **memory},
+        # projected K/V, every slot of a chapter read: the read these numbers were first measured with
+        "memory": {"num_heads": 4, "wo_init": "normal", "kv": "projected", "slot_top_k": None,
+                   "layers": f"last:{args.memory_layers}", **memory},
         "training": {"max_steps": 1},
     })
     return build_model(cfg, seed=0).eval()

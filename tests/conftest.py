@@ -10,16 +10,16 @@ from memory_transformer import load_config
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
 # One row per memory variant (PEFT-style TEST_CASES): adding a variant is adding a row.
-# The defaults read learned keys and values, each query its best 8 slots; "projected" rows cover W_k/W_v and the
-# dense (all slots) read.
+# The defaults read learned keys and values, each query its best 8 slots; rows with "projected" cover W_k/W_v,
+# rows with slot_top_k None the dense (SDPA, all slots) read.
 MEMORY_CASES = {
     "standard-shared-A": {},
     "projected-dense-shared-A": {"kv": "projected", "slot_top_k": None},
     "standard-per_layer-B": {"sharing": "per_layer", "block_variant": "B"},
     "factorized-every2-A": {"bank": "factorized", "bank_rank": 8, "sharing": "every:2"},
-    "reduced_dim-shared-B": {"bank": "reduced_dim", "bank_rank": 16, "block_variant": "B"},
+    "reduced_dim-shared-B": {"bank": "reduced_dim", "bank_rank": 16, "block_variant": "B", "kv": "projected"},
     "lowrank_qkv-last1-A": {"qkv_rank": 8, "layers": "last:1", "kv": "projected", "slot_top_k": None},
-    "dense-1chapter-A": {"num_chapters": 1, "top_k": 1},
+    "dense-1chapter-A": {"num_chapters": 1, "top_k": 1, "slot_top_k": None},
     "slot_top_k4-null-A": {"slot_top_k": 4, "null_slot": True},
 }
 

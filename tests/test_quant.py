@@ -246,3 +246,19 @@ def test_quantize_model_rejects_bad_requests():
     quantize_model(model, 4)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_model(model, 8)
+
+
+def test_int8_learned_rows_saved_with_one_scale_per_row_still_load(tmp_path):
+    float_model = build_model(tiny_config(memory={"kv": "learned"})).eval()
+    chapters = [p.detach().clone() for p in float_model.memory.banks[0].chapters]
+    model = quantize_model(float_model, 8)
+    bank = model.memory.banks[0]
+    assert bank.scale[0].shape == (16, 2)  # [key | value] rows: a scale per half
+    old = {k: v for k, v in model.state_dict().items()}
+    for i, c in enumerate(chapters):  # the earlier format: one scale per row
+        old[f"memory.banks.0.q.{i}"], old[f"memory.banks.0.scale.{i}"] = quantize_int8(c)
+    model.load_state_dict(old)
+    assert bank.scale[0].shape == (16, 1)
+    q, scale = quantize_int8(chapters[2])
+    assert torch.equal(bank.read([2])[0], dequantize_int8(q, scale))
+    assert torch.isfinite(model(_ids()).logits).all()

@@ -256,3 +256,13 @@ def test_eval_and_quantize_commands(tmp_path):
                            capture_output=True, text=True)
     assert (again.returncode, again.stderr) == (2, f"error: --out: {tmp_path / 'q8'} exists and is not empty; "
                                                    "choose a new folder\n")
+
+
+def test_resume_with_a_config_that_builds_another_model_is_refused(tmp_path):
+    train(tiny(tmp_path, "training.max_steps=2", "training.save_steps=2"), progress=False)
+    with pytest.raises(ConfigError) as e:  # e.g. a default changed since the run started
+        Trainer(tiny(tmp_path, "training.max_steps=4", "memory.slot_top_k=4"), resume=True, progress=False)
+    assert str(e.value) == (f"--resume: the config builds another model than the run in {tmp_path / 'run'} "
+                            f"(memory.slot_top_k: 8 -> 4); resume with --config {tmp_path / 'run' / 'config.yaml'}")
+    resumed = Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)  # more steps: fine
+    assert resumed.state.step == 2

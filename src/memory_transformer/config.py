@@ -62,13 +62,12 @@ class MemoryConfig:
     bank: Literal["standard", "factorized", "reduced_dim"] = "standard"
     bank_rank: int | None = None  # required by factorized / reduced_dim
     num_heads: int = 4
-    qkv_rank: int | None = None  # rank of low-rank Q/K/V projections; null = full rank
+    qkv_rank: int | None = None  # rank of low-rank Q (and K/V when kv=projected) projections; null = full rank
     wo_init: Literal["zero", "normal", "identity"] = "identity"  # identity: W_o = I, values 0; zero: W_o = 0
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
     routing: Literal["sequence", "token"] = "sequence"  # training: one chapter choice per sequence, or per token
     kv: Literal["projected", "learned"] = "learned"  # keys/values: learned directly, or W_k, W_v of one bank row
-    slot_top_k: int | None = 8  # sparse read: each query attends to its best slots of each chapter; null = all
-    # (so does a slot_top_k of at least the slots per chapter)
+    slot_top_k: int | None = 8  # sparse read: each query reads its best slots of each chapter; null (or >= S) = all
     null_slot: bool = False  # a learned "nothing here" key with a zero value, so a query can read (almost) nothing
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
@@ -429,7 +428,8 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
     _positive("memory.quant_group_size", mem.quant_group_size)
-    # A row is what gets quantized: (S, d) chapters, or the (S, r) chapters / A factors of the other kinds.
+    # A row is what gets quantized: (S, d) chapters ((S, 2d) with learned K/V: groups must not straddle the
+    # key/value border, so they divide d), or the (S, r) chapters / A factors of the other kinds.
     row = mem.bank_rank if mem.bank != "standard" else m.hidden_size
     if mem.quantization == "int4" and (m.pretrained is None or mem.bank != "standard") and row % mem.quant_group_size:
         raise ConfigError("memory.quant_group_size",

@@ -66,7 +66,8 @@ def matching_intermediate_size(cfg: Config) -> int:
     from memory_transformer.model import build_model
 
     def total(overrides: list[str]) -> int:
-        return sum(p.numel() for p in build_model(load_config(cfg.to_dict(), overrides)).parameters())
+        model = build_model(load_config(cfg.to_dict(), overrides), device="meta")  # shapes only
+        return sum(p.numel() for p in model.parameters())
 
     m = cfg.model
     width = m.intermediate_size or 4 * m.hidden_size
@@ -145,7 +146,7 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     from memory_transformer.model import build_model, load_model, matching_lora_rank
 
     root = Path(out or f"runs/demo-adapter-{time.strftime('%Y%m%d-%H%M%S')}")
-    old, new = base_cfg.data.people, teach_cfg.data.people
+    old = base_cfg.data.people
     facts = SyntheticFacts(teach_cfg.data.num_people, teach_cfg.data.seed, teach_cfg.data.qa_fraction)
     old_facts = facts.subset(*old)
     base_result = root / "base_result.json"

@@ -81,6 +81,12 @@ def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: 
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
+def _rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of X (B, k, H, S, h), seen as (B, H, k*S, h), at `rows` (B, H, n, 1) -> (B, H, n, h)."""
+    B, k, H, S, h = X.shape
+    return X.transpose(1, 2).reshape(B, H, k * S, h).gather(2, rows.expand(-1, -1, -1, h))
+
+
 class MemoryAttention(nn.Module):
     def __init__(self, hidden: int, width: int, num_heads: int, num_chapters: int, top_k: int,
                  qkv_rank: int | None = None, wo_init: str = "zero", dropout: float = 0.0,
@@ -219,7 +225,7 @@ class MemoryAttention(nn.Module):
         # Each selected chapter is weighted by its router probability (renormalised over the k).
         log_g = (gates / gates.sum(-1, keepdim=True)).log() if k > 1 else None  # (B, k)
         dropout = self.dropout if self.training else 0.0
-        if self.slot_top_k is not None or self.null_key is not None:
+        if (self.slot_top_k is not None and self.slot_top_k < S) or self.null_key is not None:
             return self._read_sequences_sparse(q, K[inverse], V[inverse], log_g, dropout)
         if len(chapters) == 1:  # one chapter for all rows (always at batch 1, top_k 1): a view, no copy
             K, V = K.expand(B, H, S, hd), V.expand(B, H, S, hd)
@@ -237,24 +243,42 @@ class MemoryAttention(nn.Module):
         Each query keeps its best `slot_top_k` slots of each chapter; the kept scores of all k chapters (plus
         the null slot's) share one softmax. Unkept slots get probability 0, so no gradient reaches them."""
         B, T, H, hd = q.shape
-        scores = torch.einsum("bthd,bkhsd->bhtks", q, K).float() * hd ** -0.5  # (B, H, T, k, S)
-        if log_g is not None:
-            scores = scores + log_g[:, None, None, :, None]
-        sparse = self.slot_top_k is not None and self.slot_top_k < scores.shape[-1]
-        top, idx = scores.topk(self.slot_top_k, dim=-1) if sparse else (scores, None)  # (B, H, T, k, m)
+        k, S = K.shape[1], K.shape[3]
+        sparse = self.slot_top_k is not None and self.slot_top_k < S
+        if sparse:
+            top, rows = self._kept_scores(q, K, log_g)  # (B, H, T, k, m), (B, H, T*k*m, 1)
+        else:
+            top = torch.einsum("bthd,bkhsd->bhtks", q, K).float() * hd ** -0.5  # (B, H, T, k, S)
+            if log_g is not None:
+                top = top + log_g[:, None, None, :, None]
         flat = top.flatten(-2)  # (B, H, T, k*m)
         if self.null_key is not None:
             null = self._null_scores(q).permute(0, 2, 1)  # (B, H, T)
             probs = torch.cat([flat, null[..., None]], dim=-1).softmax(dim=-1)[..., :-1]
         else:
             probs = flat.softmax(dim=-1)
-        probs = probs.view(top.shape)
-        if sparse:
-            probs = torch.zeros_like(scores).scatter(-1, idx, probs)
         if dropout:
             probs = F.dropout(probs, dropout)
-        out = torch.einsum("bhtks,bkhsd->bthd", probs.to(V.dtype), V)
-        return out.reshape(B, T, H * hd)
+        if not sparse:
+            out = torch.einsum("bhtks,bkhsd->bthd", probs.view(top.shape).to(V.dtype), V)
+            return out.reshape(B, T, H * hd)
+        picked = _rows_of(V, rows).view(B, H, T, -1, hd)  # the kept slots' values, (B, H, T, k*m, h)
+        out = (probs.to(V.dtype)[..., None] * picked).sum(-2)  # (B, H, T, h)
+        return out.transpose(1, 2).reshape(B, T, H * hd)
+
+    def _kept_scores(self, q: torch.Tensor, K: torch.Tensor, log_g: torch.Tensor | None):
+        """Each query's best `slot_top_k` slots per chapter: their scores (B, H, T, k, m), with autograd, and
+        their rows (B, H, T*k*m, 1) in the (B, H, k*S, h) layout of `_rows_of`. All S scores are computed to
+        choose, outside autograd; only the kept ones are recomputed with it, so the backward pass costs m, not S,
+        per query and chapter."""
+        B, T, H, hd = q.shape
+        k, S, m = K.shape[1], K.shape[3], self.slot_top_k
+        with torch.no_grad():  # (the chapter's gate and the scale do not change the order within a chapter)
+            idx = torch.einsum("bthd,bkhsd->bhtks", q, K).topk(m, dim=-1).indices  # (B, H, T, k, m)
+        rows = (idx + S * torch.arange(k, device=idx.device)[:, None]).reshape(B, H, T * k * m, 1)
+        keys = _rows_of(K, rows).view(B, H, T, k, m, hd)
+        top = (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5
+        return (top if log_g is None else top + log_g[:, None, None, :, None]), rows
 
     def _null_scores(self, q: torch.Tensor) -> torch.Tensor:
         """Scores of the null slot, q (..., H, h) -> (..., H), float32 like the other scores."""

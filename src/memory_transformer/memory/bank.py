@@ -111,6 +111,16 @@ class MemoryBank(nn.Module):
         if self.kind == "factorized":
             self.right.requires_grad_(False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # int8 checkpoints of learned [key | value] rows saved with one scale per row, (S, 1), before the two
+        # halves got a scale each: take the saved shape (dequantize reads the number of parts from it).
+        if self.bits == 8:
+            for i in range(len(self.scale)):
+                saved, own = state_dict.get(f"{prefix}scale.{i}"), self.scale[i]
+                if saved is not None and saved.shape[:-1] == own.shape[:-1] and saved.shape != own.shape:
+                    self.scale._buffers[str(i)] = own.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def dequantize(self, chapter: int) -> torch.Tensor:
         """One quantized chapter as floats: (S, r or row) in the model dtype."""
         return dequantize(self.q[chapter], self.scale[chapter], self.bits, self.group_size, self.out_dtype.dtype)

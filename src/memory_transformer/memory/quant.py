@@ -9,8 +9,8 @@ Both are symmetric absmax schemes, so 0 maps to 0 exactly and there is no zero p
   packed two to a byte, low nibble first.
 
 Scales are stored in fp16: an int4 value then costs 0.5 + 2 / group_size bytes (0.53 at group 64, 0.133x of
-fp32), an int8 value 1 + 2 / width (1 + 4 / row with a learned key and value per row). Scales are rounded up to fp16, so no value is clipped and
-|x - dequantize(q)| <= s / 2 holds for the stored s. fp16 limits bank values to |x| < 7 * 65504 (int4).
+fp32), an int8 value 1 + 2 / width (1 + 4 / row with a learned key and value per row). Scales are rounded up
+to fp16, so no value is clipped and |x - dequantize(q)| <= s / 2 holds for the stored s. fp16 limits bank values to |x| < 7 * 65504 (int4).
 
 There is no quantization-aware training: a model is trained in float, then converted with `quantize_model`.
 """

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from memory_transformer.config import Config, ConfigError
+from memory_transformer.config import Config, ConfigError, load_config
 from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
@@ -111,11 +111,26 @@ class Trainer:
                 raise ConfigError("--resume", f"no complete checkpoint in {d / 'checkpoints'}")
             if not (path / "COMPLETE").is_file():
                 raise ConfigError("--resume", f"{path} is not a complete checkpoint")
+            self._check_same_model(d / "config.yaml")
             return path
         if d.exists() and any(d.iterdir()):
             raise ConfigError("training.output_dir", f"{d} already holds a run; continue it with --resume, "
                               "or choose another output_dir (nothing was overwritten)")
         return None
+
+    def _check_same_model(self, saved_path: Path) -> None:
+        """A resumed run must build the model it saved: the model, memory and lora keys of the given config must
+        equal the run's config.yaml (a changed default would otherwise switch e.g. the memory read mid-run)."""
+        if not saved_path.is_file():
+            return
+        sections = ("model", "memory", "lora")
+        saved = _flat({s: load_config(saved_path).to_dict()[s] for s in sections})
+        now = _flat({s: self.cfg.to_dict()[s] for s in sections})
+        diff = [f"{k.replace('/', '.')}: {saved.get(k)!r} -> {now.get(k)!r}"
+                for k in sorted({*saved, *now}) if saved.get(k) != now.get(k)]
+        if diff:
+            raise ConfigError("--resume", f"the config builds another model than the run in {saved_path.parent} "
+                              f"({'; '.join(diff)}); resume with --config {saved_path}")
 
     def _create_run_dir(self) -> None:
         if self.acc.is_main_process:
