@@ -67,17 +67,25 @@ def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: 
     Not SDPA: it does not return the LSE. `aten._scaled_dot_product_flash_attention_for_cpu` does, but only on
     CPU and with the LSE outside autograd (torch 2.13: `lse.requires_grad` is False), while the merge weights
     must pass gradients back to the scores. One matmul + logsumexp is exact, differentiable on any device, and
-    costs the same n*S scores SDPA would compute. Scores and softmax in float32 (bf16 models too)."""
-    scores = (q.transpose(0, 1) @ K.transpose(1, 2)).float() * q.shape[-1] ** -0.5  # (H, n, S)
-    if slot_top_k is not None and slot_top_k < scores.shape[-1]:
-        top, idx = scores.topk(slot_top_k, dim=-1)  # (H, n, m)
-        lse = top.logsumexp(dim=-1)
-        probs = torch.zeros_like(scores).scatter(-1, idx, top.softmax(dim=-1))
+    costs the same n*S scores SDPA would compute. Scores and softmax in float32 (bf16 models too).
+    With `slot_top_k` the slots are chosen outside autograd and only the kept ones are scored and read with it,
+    as in `MemoryAttention._kept_scores`."""
+    qh = q.transpose(0, 1)  # (H, n, h)
+    if slot_top_k is not None and slot_top_k < K.shape[1]:
+        with torch.no_grad():
+            idx = (qh @ K.transpose(1, 2)).topk(slot_top_k, dim=-1).indices  # (H, n, m)
+        heads = torch.arange(K.shape[0], device=K.device)[:, None, None]
+        keys, values = K[heads, idx], V[heads, idx]  # (H, n, m, h)
+        scores = (qh[:, :, None, :] * keys).sum(-1).float() * q.shape[-1] ** -0.5  # (H, n, m)
     else:
-        lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (H, n), (H, n, S)
+        scores, values = (qh @ K.transpose(1, 2)).float() * q.shape[-1] ** -0.5, None  # (H, n, S)
+    lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (H, n), (H, n, m or S)
     if dropout:
         probs = F.dropout(probs, dropout)
-    out = probs.to(V.dtype) @ V  # (H, n, h)
+    if values is None:
+        out = probs.to(V.dtype) @ V  # (H, n, h)
+    else:
+        out = (probs.to(V.dtype)[..., None] * values).sum(-2)  # (H, n, h)
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
