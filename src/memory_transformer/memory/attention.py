@@ -68,17 +68,15 @@ def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: 
     CPU and with the LSE outside autograd (torch 2.13: `lse.requires_grad` is False), while the merge weights
     must pass gradients back to the scores. One matmul + logsumexp is exact, differentiable on any device, and
     costs the same n*S scores SDPA would compute. Scores and softmax in float32 (bf16 models too).
-    With `slot_top_k` the slots are chosen outside autograd and only the kept ones are scored and read with it,
-    as in `MemoryAttention._kept_scores`."""
-    qh = q.transpose(0, 1)  # (H, n, h)
-    if slot_top_k is not None and slot_top_k < K.shape[1]:
-        with torch.no_grad():
-            idx = (qh @ K.transpose(1, 2)).topk(slot_top_k, dim=-1).indices  # (H, n, m)
-        heads = torch.arange(K.shape[0], device=K.device)[:, None, None]
-        keys, values = K[heads, idx], V[heads, idx]  # (H, n, m, h)
-        scores = (qh[:, :, None, :] * keys).sum(-1).float() * q.shape[-1] ** -0.5  # (H, n, m)
+    With `slot_top_k` the slots are chosen outside autograd and only the kept ones are scored and read with it
+    (`kept_scores`)."""
+    n, H, hd = q.shape
+    if slot_top_k is not None and slot_top_k < K.shape[1]:  # as one row of one chapter: B = k = 1
+        top, rows = kept_scores(q[None], K[None, None], slot_top_k)  # (1, H, n, 1, m), (1, H, n*m, 1)
+        scores, values = top[0, :, :, 0], rows_of(V[None, None], rows)[0].view(H, n, slot_top_k, hd)
     else:
-        scores, values = (qh @ K.transpose(1, 2)).float() * q.shape[-1] ** -0.5, None  # (H, n, S)
+        scores = (q.transpose(0, 1) @ K.transpose(1, 2)).float() * hd ** -0.5  # (H, n, S)
+        values = None
     lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (H, n), (H, n, m or S)
     if dropout:
         probs = F.dropout(probs, dropout)
@@ -89,7 +87,21 @@ def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: 
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
-def _rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's best m slots per chapter, q (B, T, H, h), K (B, k, H, S, h): their scaled scores
+    (B, H, T, k, m), with autograd, and their rows (B, H, T*k*m, 1) in the (B, H, k*S, h) layout of `rows_of`.
+    All S scores are computed to choose, outside autograd; only the kept ones are recomputed with it, so the
+    backward pass costs m, not S, per query and chapter. Scores in float32."""
+    B, T, H, hd = q.shape
+    k, S = K.shape[1], K.shape[3]
+    with torch.no_grad():  # (a chapter's gate and the scale do not change the order within a chapter)
+        idx = torch.einsum("bthd,bkhsd->bhtks", q, K).topk(m, dim=-1).indices  # (B, H, T, k, m)
+    rows = (idx + S * torch.arange(k, device=idx.device)[:, None]).reshape(B, H, T * k * m, 1)
+    keys = rows_of(K, rows).view(B, H, T, k, m, hd)
+    return (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5, rows
+
+
+def rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows of X (B, k, H, S, h), seen as (B, H, k*S, h), at `rows` (B, H, n, 1) -> (B, H, n, h)."""
     B, k, H, S, h = X.shape
     return X.transpose(1, 2).reshape(B, H, k * S, h).gather(2, rows.expand(-1, -1, -1, h))
@@ -251,14 +263,13 @@ class MemoryAttention(nn.Module):
         Each query keeps its best `slot_top_k` slots of each chapter; the kept scores of all k chapters (plus
         the null slot's) share one softmax. Unkept slots get probability 0, so no gradient reaches them."""
         B, T, H, hd = q.shape
-        k, S = K.shape[1], K.shape[3]
-        sparse = self.slot_top_k is not None and self.slot_top_k < S
+        sparse = self.slot_top_k is not None and self.slot_top_k < K.shape[3]
         if sparse:
-            top, rows = self._kept_scores(q, K, log_g)  # (B, H, T, k, m), (B, H, T*k*m, 1)
+            top, rows = kept_scores(q, K, self.slot_top_k)  # (B, H, T, k, m), (B, H, T*k*m, 1)
         else:
             top = torch.einsum("bthd,bkhsd->bhtks", q, K).float() * hd ** -0.5  # (B, H, T, k, S)
-            if log_g is not None:
-                top = top + log_g[:, None, None, :, None]
+        if log_g is not None:
+            top = top + log_g[:, None, None, :, None]
         flat = top.flatten(-2)  # (B, H, T, k*m)
         if self.null_key is not None:
             null = self._null_scores(q).permute(0, 2, 1)  # (B, H, T)
@@ -270,23 +281,9 @@ class MemoryAttention(nn.Module):
         if not sparse:
             out = torch.einsum("bhtks,bkhsd->bthd", probs.view(top.shape).to(V.dtype), V)
             return out.reshape(B, T, H * hd)
-        picked = _rows_of(V, rows).view(B, H, T, -1, hd)  # the kept slots' values, (B, H, T, k*m, h)
+        picked = rows_of(V, rows).view(B, H, T, -1, hd)  # the kept slots' values, (B, H, T, k*m, h)
         out = (probs.to(V.dtype)[..., None] * picked).sum(-2)  # (B, H, T, h)
         return out.transpose(1, 2).reshape(B, T, H * hd)
-
-    def _kept_scores(self, q: torch.Tensor, K: torch.Tensor, log_g: torch.Tensor | None):
-        """Each query's best `slot_top_k` slots per chapter: their scores (B, H, T, k, m), with autograd, and
-        their rows (B, H, T*k*m, 1) in the (B, H, k*S, h) layout of `_rows_of`. All S scores are computed to
-        choose, outside autograd; only the kept ones are recomputed with it, so the backward pass costs m, not S,
-        per query and chapter."""
-        B, T, H, hd = q.shape
-        k, S, m = K.shape[1], K.shape[3], self.slot_top_k
-        with torch.no_grad():  # (the chapter's gate and the scale do not change the order within a chapter)
-            idx = torch.einsum("bthd,bkhsd->bhtks", q, K).topk(m, dim=-1).indices  # (B, H, T, k, m)
-        rows = (idx + S * torch.arange(k, device=idx.device)[:, None]).reshape(B, H, T * k * m, 1)
-        keys = _rows_of(K, rows).view(B, H, T, k, m, hd)
-        top = (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5
-        return (top if log_g is None else top + log_g[:, None, None, :, None]), rows
 
     def _null_scores(self, q: torch.Tensor) -> torch.Tensor:
         """Scores of the null slot, q (..., H, h) -> (..., H), float32 like the other scores."""

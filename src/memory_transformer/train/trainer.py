@@ -123,9 +123,8 @@ class Trainer:
         equal the run's config.yaml (a changed default would otherwise switch e.g. the memory read mid-run)."""
         if not saved_path.is_file():
             return
-        sections = ("model", "memory", "lora")
-        saved = _flat({s: load_config(saved_path).to_dict()[s] for s in sections})
-        now = _flat({s: self.cfg.to_dict()[s] for s in sections})
+        sections, saved, now = ("model", "memory", "lora"), load_config(saved_path).to_dict(), self.cfg.to_dict()
+        saved, now = (_flat({s: d[s] for s in sections}) for d in (saved, now))
         diff = [f"{k.replace('/', '.')}: {saved.get(k)!r} -> {now.get(k)!r}"
                 for k in sorted({*saved, *now}) if saved.get(k) != now.get(k)]
         if diff:
