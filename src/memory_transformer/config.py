@@ -65,7 +65,12 @@ class MemoryConfig:
     qkv_rank: int | None = None  # rank of low-rank Q (and K/V when kv=projected) projections; null = full rank
     wo_init: Literal["zero", "normal", "identity"] = "identity"  # identity: W_o = I, values 0; zero: W_o = 0
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
-    routing: Literal["sequence", "token"] = "sequence"  # training: one chapter choice per sequence, or per token
+    # sequence | token: a learned router picks chapters per sequence or per token; subject: each token reads the
+    # chapter of the last taught subject mentioned before it, and nothing before any (memory/subjects.py)
+    routing: Literal["sequence", "token", "subject"] = "sequence"
+    # subject routing: the taught subjects (subject i owns chapter i mod num_chapters), or a text file with one
+    # per line (path from the working directory); null with data.source synthetic_facts = the taught people
+    subjects: Union[list[str], str, None] = None
     kv: Literal["projected", "learned"] = "learned"  # keys/values: learned directly, or W_k, W_v of one bank row
     slot_top_k: int | None = 8  # sparse read: each query reads its best slots of each chapter; null (or >= S) = all
     null_slot: bool = False  # a learned "nothing here" key with a zero value, so a query can read (almost) nothing
@@ -167,7 +172,7 @@ class TrainingConfig:
 class InferenceConfig:
     # sequence: route once on the prompt; rolling: re-route on the last `rolling_window` tokens while generating
     # (the prompt on its last W); token: every token picks its own chapters; hybrid: sequence for the prompt,
-    # rolling while generating; null = as trained (`memory.routing`: sequence or token).
+    # rolling while generating; null = as trained (`memory.routing`; must be null with subject routing).
     routing: Literal["sequence", "rolling", "token", "hybrid"] | None = None
     rolling_window: int = 32
     max_new_tokens: int = 64
@@ -361,6 +366,10 @@ def validate(cfg: Config) -> None:
     for tracker in t.log_with:
         if tracker not in ("tensorboard", "wandb", "trackio", "none"):
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
+    if mem.enabled and mem.routing == "subject":
+        _resolve_subjects(cfg)
+    elif mem.enabled and mem.subjects is not None:
+        raise ConfigError("memory.subjects", f"only used with memory.routing subject, got routing {mem.routing}")
 
 
 def _check_replay(cfg: Config) -> None:
@@ -434,6 +443,42 @@ def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
     if mem.quantization == "int4" and (m.pretrained is None or mem.bank != "standard") and row % mem.quant_group_size:
         raise ConfigError("memory.quant_group_size",
                           f"must divide the bank row width ({row}) for int4 quantization, got {mem.quant_group_size}")
+
+
+def _resolve_subjects(cfg: Config) -> None:
+    """Subject routing: one chapter per token, and `memory.subjects` as an explicit list (saved with the run)."""
+    mem = cfg.memory
+    if mem.top_k != 1:
+        raise ConfigError("memory.top_k", f"subject routing reads the one chapter of a token's subject: must be 1, "
+                          f"got {mem.top_k}")
+    if cfg.inference.routing is not None:
+        raise ConfigError("inference.routing", f"must be null with memory.routing subject (every position reads "
+                          f"its subject's chapter), got {cfg.inference.routing}")
+    if isinstance(mem.subjects, str):
+        path = Path(mem.subjects)
+        if not path.is_file():
+            raise ConfigError("memory.subjects", f"file not found: {path}")
+        mem.subjects = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif mem.subjects is None:
+        if cfg.data.source != "synthetic_facts":
+            raise ConfigError("memory.subjects", "subject routing needs the taught subjects: a list of names or a "
+                              f"text file with one per line (data.source {cfg.data.source} has no built-in people)")
+        from memory_transformer.data.synthetic_facts import SyntheticFacts
+
+        d = cfg.data
+        facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
+        facts = facts.subset(*d.people) if d.people is not None else facts
+        mem.subjects = [p.name for p in facts.people]
+    if not mem.subjects:
+        raise ConfigError("memory.subjects", "subject routing needs at least one subject, got none")
+    blank = [s for s in mem.subjects if not s.strip()]
+    if blank:
+        raise ConfigError("memory.subjects", f"a subject must have a non-space character, got {blank[0]!r}")
+    seen: set[str] = set()
+    for subject in mem.subjects:
+        if subject in seen:
+            raise ConfigError("memory.subjects", f"{subject!r} is listed twice (each subject owns one chapter)")
+        seen.add(subject)
 
 
 def _check_inference(inf: InferenceConfig) -> None:

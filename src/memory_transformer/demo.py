@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from memory_transformer.config import Config, load_config
+from memory_transformer.config import Config, ConfigError, load_config
 from memory_transformer.train.trainer import train
 
 ROWS = [  # (label, metric key, format)
@@ -51,13 +51,22 @@ def _train_or_reuse(name: str, cfg: Config, result_of) -> dict:
     run_dir = Path(cfg.training.output_dir)
     saved, resolved = run_dir / "result.json", json.loads(json.dumps(cfg.to_dict()))
     prior = json.loads(saved.read_text()) if saved.exists() else None
-    if prior is not None and prior["config"] == resolved:
+    if prior is not None and _resolved(prior["config"]) == resolved:
         print(f"== {name}: reusing {saved} (same config)")
         return prior["result"]
     print(f"== {name}: training {cfg.training.max_steps} steps into {run_dir}")
     result = result_of(train(cfg), run_dir)
     saved.write_text(json.dumps({"config": resolved, "result": result}, indent=2))
     return result
+
+
+def _resolved(saved: dict) -> dict | None:
+    """A saved resolved config as it resolves today: keys added to the schema since take their defaults (which
+    keep the old behaviour); None if it no longer loads."""
+    try:
+        return json.loads(json.dumps(load_config(saved).to_dict()))
+    except ConfigError:
+        return None
 
 
 def matching_intermediate_size(cfg: Config) -> int:

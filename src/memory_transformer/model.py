@@ -26,6 +26,7 @@ from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
 from memory_transformer.memory.quant import BITS
 from memory_transformer.memory.strategies import GenerationRouting
+from memory_transformer.memory.subjects import SubjectIndex
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +68,8 @@ class MemoryModel(nn.Module):
             self.memory = MemoryStack(config.memory, base.config, resolve_layers(config.memory.layers, n_layers))
             self.memory.to(dtype=next(base.parameters()).dtype)
             self.memory.install(base)
+            if config.memory.routing == "subject":
+                self.memory.subjects = SubjectIndex(config.memory.subjects, tokenizer, config.memory.num_chapters)
 
     @property
     def device(self) -> torch.device:
@@ -90,19 +93,28 @@ class MemoryModel(nn.Module):
         """`transformers` generate (KV cache, batching with left padding). Arguments not given take their
         `inference` defaults (max_new_tokens, greedy or temperature/top_k/top_p sampling). `routing` picks how
         memory chapters are chosen: sequence | rolling | token | hybrid (default `inference.routing`, which
-        defaults to the routing the memory was trained with, `memory.routing`; see memory/strategies.py)."""
+        defaults to the routing the memory was trained with, `memory.routing`; see memory/strategies.py). A memory
+        with subject routing takes no strategy: every position reads its subject's chapter (memory/subjects.py)."""
         kwargs = {**self._generation_defaults(kwargs), **kwargs}
         if self.memory is None:
             return self.base.generate(*args, **kwargs)
         inf = self.config.inference
         state = self.memory.state
         state.routing.clear()
-        state.generation = GenerationRouting(routing or inf.routing or self.config.memory.routing,
-                                            inf.rolling_window)
+        if self.memory.subjects is not None:  # every position reads its subject's chapter: no strategy
+            if routing is not None:
+                raise ValueError(f"routing: a memory with subject routing routes by subject; got {routing!r}, "
+                                 "leave it unset")
+            if kwargs.get("num_beams", 1) > 1:
+                raise ValueError("num_beams: subject routing keeps the ids of each row, which beam search "
+                                 "reorders; use greedy decoding or sampling")
+        else:
+            state.generation = GenerationRouting(routing or inf.routing or self.config.memory.routing,
+                                                inf.rolling_window)
         try:
             return self.base.generate(*args, **kwargs)
         finally:
-            state.generation = None
+            state.generation = state.ids = state.subject_chapters = None
             state.routing.clear()
 
     @contextlib.contextmanager
@@ -321,6 +333,9 @@ def load_model(directory: str | Path, device: str | torch.device | None = None, 
     load_weights(model, src)
     if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():
         model.tokenizer = load_tokenizer(str(src))
+        if model.memory is not None and model.memory.subjects is not None:  # subjects as the saved tokenizer encodes them
+            mem = model.config.memory
+            model.memory.subjects = SubjectIndex(mem.subjects, model.tokenizer, mem.num_chapters)
     return model
 
 

@@ -114,7 +114,7 @@ class MemoryAttention(nn.Module):
                  learned_kv: bool = False, slot_top_k: int | None = None, null_slot: bool = False):
         super().__init__()
         self.width, self.num_heads, self.top_k, self.dropout = width, num_heads, top_k, dropout
-        self.routing = routing  # default decision when none is given: "sequence" or "token"
+        self.routing = routing  # "sequence" or "token": the default decision; "subject": decisions are given
         self.slot_top_k = slot_top_k  # None: every slot of the selected chapters
         self.norm = nn.RMSNorm(hidden, eps=norm_eps)
         self.q = projection(hidden, width, qkv_rank)
@@ -132,7 +132,8 @@ class MemoryAttention(nn.Module):
             nn.init.eye_(self.o.weight)  # also 0 at init, but the values get gradient from the first step
             if self.v is not None:
                 nn.init.zeros_([m for m in self.v.modules() if isinstance(m, nn.Linear)][-1].weight)
-        self.router = Router(hidden, num_chapters, init_std) if num_chapters > 1 else None
+        learned_router = num_chapters > 1 and routing != "subject"  # subject routing looks chapters up
+        self.router = Router(hidden, num_chapters, init_std) if learned_router else None
         self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     # -- routing ---------------------------------------------------------------------------------------
@@ -165,6 +166,9 @@ class MemoryAttention(nn.Module):
             return plan
         if plan is not None:
             return plan(x, mask)
+        if self.routing == "subject":
+            raise ValueError("memory.routing subject: the chapters come from the input ids (MemoryStack); "
+                             "call the model, not the memory layer alone")
         return self.route_tokens(x, mask) if self.routing == "token" else self.route(x, mask)
 
     # -- keys and values of the selected chapters --------------------------------------------------------
@@ -220,7 +224,9 @@ class MemoryAttention(nn.Module):
         x = self.norm(h)
         routing = self._decide(x, mask, routing)
         q = self.q(x).view(B, T, H, w // H)  # (B, T, H, h)
-        if routing.ids.dim() == 2 or T == 1:  # per-token routing of one token per row is per-sequence routing
+        if routing.ids.dim() == 3 and bool((routing.ids < 0).any()):  # some tokens read nothing (subject routing)
+            out = self._read_some(q, bank, routing)
+        elif routing.ids.dim() == 2 or T == 1:  # per-token routing of one token per row is per-sequence routing
             out = self._read_sequences(q, bank, routing)
         else:
             out = self._read_tokens(q, bank, routing)
@@ -288,6 +294,17 @@ class MemoryAttention(nn.Module):
     def _null_scores(self, q: torch.Tensor) -> torch.Tensor:
         """Scores of the null slot, q (..., H, h) -> (..., H), float32 like the other scores."""
         return (q * self.null_key.to(q.dtype)).sum(-1).float() * q.shape[-1] ** -0.5
+
+    def _read_some(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
+        """Per-token routing where chapter id -1 means "read nothing": those tokens get exactly 0 (so does the
+        layer's output, W_o having no bias), the others read as in `_read_tokens`. q (B, T, H, h) -> (B, T, w)."""
+        B, T, H, hd = q.shape
+        reads = (routing.ids >= 0).all(-1)  # (B, T)
+        out = q.new_zeros(B, T, H * hd)
+        if bool(reads.any()):
+            part = Routing(routing.ids[reads][None], routing.gates[reads][None])  # one row of the n reading tokens
+            out[reads] = self._read_tokens(q[reads][None], bank, part)[0].to(out.dtype)  # float32 under autocast
+        return out
 
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""

@@ -54,7 +54,8 @@ def router_losses(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 
 def chapter_usage(ids: torch.Tensor, num_chapters: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """How many routing choices went to each chapter: (C,) counts. ids (B, k) per sequence, or (B, T, k) per
-    token with mask (B, T) leaving padding tokens out."""
+    token with mask (B, T) leaving padding tokens out; ids -1 (subject routing: nothing read) are not counted."""
     if mask is not None and ids.dim() == 3:
         ids = ids[mask.bool()]  # (N, k) for the N real tokens
-    return torch.bincount(ids.reshape(-1), minlength=num_chapters)
+    ids = ids.reshape(-1)
+    return torch.bincount(ids[ids >= 0], minlength=num_chapters)  # -1: a token that read nothing

@@ -1,0 +1,69 @@
+"""Subject routing: a token reads the chapter of the last taught subject mentioned at or before it.
+
+`memory.routing: subject` replaces the learned router with a lookup. `memory.subjects` lists the entities the
+memory is taught (for the built-in synthetic facts, the taught people, filled in by the config); subject i owns
+chapter i mod C. Every forward scans the input ids for the subjects' token sequences (each subject as encoded
+alone and after a space): from the last token of a mention on, each token reads that subject's chapter, until
+the next mention or an end-of-sequence token. Tokens before any mention, and all tokens of a text that mentions
+no taught subject, read nothing: the memory adds exactly 0 there, so what the base model knew about anything
+else is untouched by whatever the memory learns.
+
+A position's chapter depends only on the tokens up to it, so packed training blocks, evaluation and generation
+with or without a KV cache route every position alike. Matching is on token ids: a subject written differently
+(another spelling, only the last name, a tokenization that merges the name with the next character) is not
+found, and a subject whose tokens occur inside a longer word ("Ann" in "Anna" with byte tokens) is found there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NO_EVENT, NO_READ = -2, -1
+
+
+class SubjectIndex:
+    """The token sequences of the taught subjects, grouped by length, and the chapter each one reads."""
+
+    def __init__(self, subjects: list[str], tokenizer, num_chapters: int):
+        self.eos = tokenizer.eos_token_id
+        by_length: dict[int, dict[tuple[int, ...], int]] = {}
+        for i, subject in enumerate(subjects):
+            for text in (subject, " " + subject):
+                ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    by_length.setdefault(len(ids), {})[ids] = i % num_chapters
+        # Each window of L ids is hashed (random int64 weights, wrapping) to find its candidate pattern by binary
+        # search; the candidate is then compared id by id, so a hash collision can never route a token wrongly.
+        cpu = torch.device("cpu")  # built on the CPU whatever the default device; moved to the ids' device on use
+        weights = torch.randint(-2**62, 2**62, (max(by_length, default=1),), device=cpu,
+                                generator=torch.Generator(cpu).manual_seed(0))
+        self._tables: dict[int, tuple[torch.Tensor, ...]] = {}
+        for length in sorted(by_length):  # ascending: a longer mention ending at the same token wins
+            patterns = torch.tensor(list(by_length[length]), dtype=torch.long, device=cpu)  # (n, L)
+            hashes = (patterns * weights[:length]).sum(-1)
+            hashes, order = hashes.sort()
+            chapters = torch.tensor(list(by_length[length].values()), dtype=torch.long, device=cpu)
+            self._tables[length] = (patterns[order], chapters[order], hashes, weights[:length])
+        self._on: dict[torch.device, dict[int, tuple[torch.Tensor, ...]]] = {}
+
+    def chapters(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> the chapter each position reads (B, T), or -1 where it reads nothing."""
+        B, T = ids.shape
+        event = torch.full_like(ids, NO_EVENT)  # what happens at a position: a mention ends, or eos
+        if self.eos is not None:
+            event[ids == self.eos] = NO_READ
+        for length, (patterns, chapters, hashes, weights) in self._tables_on(ids.device).items():
+            if length > T:
+                break
+            windows = ids.unfold(1, length, 1)  # (B, T - L + 1, L), window w ends at position w + L - 1
+            j = torch.searchsorted(hashes, (windows * weights).sum(-1)).clamp(max=len(hashes) - 1)
+            hit = (patterns[j] == windows).all(-1)
+            event[:, length - 1:] = torch.where(hit, chapters[j], event[:, length - 1:])
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        last = torch.where(event != NO_EVENT, positions, -1).cummax(dim=1).values  # last event at or before
+        return torch.where(last >= 0, event.gather(1, last.clamp(min=0)), NO_READ)
+
+    def _tables_on(self, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:
+        if device not in self._on:
+            self._on[device] = {n: tuple(t.to(device) for t in table) for n, table in self._tables.items()}
+        return self._on[device]
