@@ -5,7 +5,8 @@ read's scores (log-sum-exp of each head's best m slots), the memory output's nor
     python bench/selectivity.py --run runs/evidence/seed-0/memory/final [--old 0 20] [--new 20 40]
 
 A selective memory would score new questions higher than old ones (a threshold on the score would then separate
-them) and read other slots for them. One chapter only (the demo's configuration).
+them) and read other slots for them. One chapter only (the learned read of the `bench/evidence.py` "memory"
+runs; a subject-routed memory needs no such test: questions naming no taught subject read nothing).
 """
 
 from __future__ import annotations
