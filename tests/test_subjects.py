@@ -123,8 +123,8 @@ def test_a_cache_the_model_did_not_fill_is_refused():
     ids = _encode(model.tokenizer, "Cyrus Vance was")
     with torch.no_grad():
         past = model.base(ids, use_cache=True).past_key_values
-        model.memory.state.ids = None
-        with pytest.raises(ValueError, match="memory.routing subject: a KV cache of positions this model did not see"):
+        model.subjects.reset()
+        with pytest.raises(ValueError, match="subject routing: a KV cache of positions this model did not see"):
             model(ids[:, -1:], past_key_values=past)
 
 
@@ -190,7 +190,7 @@ def test_subjects_from_a_text_file(tmp_path):
     ({"top_k": 1, "subjects": ["Ada", "Bo", "Ada"]}, {},
      "memory.subjects: 'Ada' is listed twice (each subject owns one chapter)"),
     ({"routing": "sequence", "subjects": ["Ada"]}, {},
-     "memory.subjects: only used with memory.routing subject, got routing sequence"),
+     "memory.subjects: only used with memory.routing subject or lora.gate subject, got routing sequence"),
     ({"top_k": 1}, {"inference": {"routing": "sequence"}},
      "inference.routing: must be null with memory.routing subject (every position reads its subject's chapter), "
      "got sequence"),
@@ -207,3 +207,44 @@ def test_generate_refuses_a_routing_strategy_and_beam_search():
         model.generate(_encode(model.tokenizer, "Hi"), routing="token")
     with pytest.raises(ValueError, match="num_beams: subject routing keeps the ids of each row"):
         model.generate(_encode(model.tokenizer, "Hi"), num_beams=2)
+
+
+def _gated_lora(memory_enabled: bool):
+    cfg = tiny_config(memory={"enabled": memory_enabled, "routing": "subject", "num_chapters": 4, "top_k": 1,
+                              "wo_init": "identity", "subjects": SUBJECTS},
+                      lora={"enabled": True, "r": 4, "gate": "subject"}, model={"freeze_base": True})
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a trained-looking LoRA (B starts at 0) and memory
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "memory.banks" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("memory_enabled", [False, True])
+def test_subject_gated_lora_changes_only_positions_that_read_a_subject(memory_enabled):
+    model = _gated_lora(memory_enabled)
+    assert (model.memory is not None) == memory_enabled
+    tok = model.tokenizer
+    unknown, known = _encode(tok, "Zelda Zimmer was born in"), _encode(tok, "Say: Cyrus Vance was born in")
+    n = len(tok.encode("Say: Cyrus Vance", add_special_tokens=False))
+    with torch.no_grad():
+        with model.adapters_disabled():
+            base_unknown, base_known = model(unknown).logits, model(known).logits
+        assert torch.equal(model(unknown).logits, base_unknown)
+        gated = model(known).logits
+    assert torch.equal(gated[:, : n - 1], base_known[:, : n - 1])
+    assert (gated[:, n - 1:] - base_known[:, n - 1:]).abs().amax() > 1e-2
+    x = _encode(tok, "Where does Cyrus Vance work")
+    assert model.generate(x, **GREEDY).tolist() == model.generate(x, **GREEDY, use_cache=False).tolist()
+
+
+def test_subject_gated_lora_trains_and_is_not_merged():
+    from memory_transformer.model import merge_lora
+
+    model = _gated_lora(False).train()
+    ids = _encode(model.tokenizer, "Cyrus Vance was born in Oslo.")
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    with pytest.raises(ConfigError, match="lora.gate: a LoRA gated by subject changes only some positions"):
+        merge_lora(model)

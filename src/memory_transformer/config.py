@@ -91,6 +91,9 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    # subject: LoRA changes only the positions where a taught subject (memory.subjects) is read, as subject-routed
+    # memory does; the baseline that shares its guarantee on untaught subjects. Such a LoRA cannot be merged.
+    gate: Literal["none", "subject"] = "none"
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -367,9 +370,12 @@ def validate(cfg: Config) -> None:
         if tracker not in ("tensorboard", "wandb", "trackio", "none"):
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
     if mem.enabled and mem.routing == "subject":
+        _check_subject_routing(cfg)
+    if (mem.enabled and mem.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject"):
         _resolve_subjects(cfg)
     elif mem.enabled and mem.subjects is not None:
-        raise ConfigError("memory.subjects", f"only used with memory.routing subject, got routing {mem.routing}")
+        raise ConfigError("memory.subjects", f"only used with memory.routing subject or lora.gate subject, got "
+                          f"routing {mem.routing}")
 
 
 def _check_replay(cfg: Config) -> None:
@@ -445,15 +451,19 @@ def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
                           f"must divide the bank row width ({row}) for int4 quantization, got {mem.quant_group_size}")
 
 
-def _resolve_subjects(cfg: Config) -> None:
-    """Subject routing: one chapter per token, and `memory.subjects` as an explicit list (saved with the run)."""
-    mem = cfg.memory
-    if mem.top_k != 1:
+def _check_subject_routing(cfg: Config) -> None:
+    """Subject routing: one chapter per token, chosen by the lookup, whatever the generation strategy."""
+    if cfg.memory.top_k != 1:
         raise ConfigError("memory.top_k", f"subject routing reads the one chapter of a token's subject: must be 1, "
-                          f"got {mem.top_k}")
+                          f"got {cfg.memory.top_k}")
     if cfg.inference.routing is not None:
         raise ConfigError("inference.routing", f"must be null with memory.routing subject (every position reads "
                           f"its subject's chapter), got {cfg.inference.routing}")
+
+
+def _resolve_subjects(cfg: Config) -> None:
+    """`memory.subjects` as an explicit list (saved with the run): from a file, or the synthetic corpus's people."""
+    mem = cfg.memory
     if isinstance(mem.subjects, str):
         path = Path(mem.subjects)
         if not path.is_file():

@@ -32,7 +32,7 @@ from memory_transformer.memory.attention import MemoryAttention, Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.router import chapter_usage, router_losses
 from memory_transformer.memory.strategies import GenerationRouting
-from memory_transformer.memory.subjects import SubjectIndex
+from memory_transformer.memory.subjects import SubjectTracker
 
 
 def decoder_layers(base: nn.Module) -> nn.ModuleList:
@@ -66,8 +66,6 @@ class RuntimeState:
         self.generation: GenerationRouting | None = None  # set by MemoryModel.generate for one call
         self.routing: dict[int, Routing] = {}  # layer index -> last routing decision
         self.bypass = False  # True: the hooks add nothing, the decoder computes the base model alone
-        self.ids: torch.Tensor | None = None  # subject routing: the ids of the sequence so far (B, L)
-        self.subject_chapters: torch.Tensor | None = None  # subject routing: (B, T) chapter per position, -1 none
 
 
 class MemoryStack(nn.Module):
@@ -93,7 +91,7 @@ class MemoryStack(nn.Module):
                 bank.zero_values_()
         self.blocks = nn.ModuleDict({str(i): self._block(d, width, eps) for i in layer_ids})
         self.state = RuntimeState()
-        self.subjects: SubjectIndex | None = None  # subject routing: set by MemoryModel (needs the tokenizer)
+        self.subjects: SubjectTracker | None = None  # subject routing: set by MemoryModel (needs the tokenizer)
         self._handles: list = []
 
     def _block(self, d: int, width: int, eps: float) -> MemoryBlock:
@@ -137,24 +135,6 @@ class MemoryStack(nn.Module):
         cache = kwargs.get("past_key_values")
         if self.state.generation is not None:
             self.state.past_length = cache.get_seq_length() if cache is not None else 0
-        if self.subjects is not None:
-            self._route_subjects(kwargs.get("input_ids", args[0] if args else None), cache)
-
-    def _route_subjects(self, ids: torch.Tensor | None, cache) -> None:
-        """The chapter of each input position, from the ids of the whole sequence so far: with a KV cache a call
-        passes only the new positions, so the ids of the earlier calls are kept (B, L)."""
-        if ids is None:
-            raise ValueError("memory.routing subject finds subjects in the input ids: pass input_ids, "
-                             "not inputs_embeds")
-        past = cache.get_seq_length() if cache is not None else 0
-        state = self.state
-        if past:
-            if state.ids is None or state.ids.shape[0] != ids.shape[0] or state.ids.shape[1] < past:
-                raise ValueError("memory.routing subject: a KV cache of positions this model did not see; "
-                                 "start the sequence without past_key_values")
-            ids = torch.cat([state.ids[:, :past], ids], dim=1)  # a cropped cache drops the ids after it
-        state.ids = ids
-        state.subject_chapters = self.subjects.chapters(ids)[:, past:]
 
     def _pre_norm(self, i: int, stash: dict):
         def hook(module, args):
@@ -182,7 +162,7 @@ class MemoryStack(nn.Module):
             h3 = h2 + m
             extra = block.mlp(block.norm(h3))
             if self.subjects is not None:  # the extra MLP is the memory's too: nothing where nothing is read
-                extra = extra * (self.state.subject_chapters >= 0)[..., None].to(extra.dtype)
+                extra = extra * self.subjects.reads(extra.dtype)
             return y + m + extra
 
         return hook
@@ -194,7 +174,7 @@ class MemoryStack(nn.Module):
         plan = gen.plan(i, attn, self.state.past_length) if gen is not None else None  # None: attn's own routing
         mask = self._mask_for(h)
         if self.subjects is not None:
-            ids = self.state.subject_chapters[..., None]  # (B, T, 1)
+            ids = self.subjects.chapters[..., None]  # (B, T, 1)
             plan = Routing(ids, torch.ones(ids.shape, device=ids.device), mask=mask)
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
             out, routing = checkpoint(attn, h, bank, plan, mask, use_reentrant=False)

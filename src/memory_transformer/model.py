@@ -26,7 +26,7 @@ from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
 from memory_transformer.memory.quant import BITS
 from memory_transformer.memory.strategies import GenerationRouting
-from memory_transformer.memory.subjects import SubjectIndex
+from memory_transformer.memory.subjects import SubjectIndex, SubjectTracker
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,8 +68,12 @@ class MemoryModel(nn.Module):
             self.memory = MemoryStack(config.memory, base.config, resolve_layers(config.memory.layers, n_layers))
             self.memory.to(dtype=next(base.parameters()).dtype)
             self.memory.install(base)
-            if config.memory.routing == "subject":
-                self.memory.subjects = SubjectIndex(config.memory.subjects, tokenizer, config.memory.num_chapters)
+        self.subjects: SubjectTracker | None = None  # subject routing (memory) and/or a subject-gated LoRA
+        if uses_subjects(config):
+            self.subjects = SubjectTracker(subject_index(config, tokenizer))
+            base.register_forward_pre_hook(self.subjects.hook, with_kwargs=True)
+            if self.memory is not None and config.memory.routing == "subject":
+                self.memory.subjects = self.subjects
 
     @property
     def device(self) -> torch.device:
@@ -96,26 +100,28 @@ class MemoryModel(nn.Module):
         defaults to the routing the memory was trained with, `memory.routing`; see memory/strategies.py). A memory
         with subject routing takes no strategy: every position reads its subject's chapter (memory/subjects.py)."""
         kwargs = {**self._generation_defaults(kwargs), **kwargs}
-        if self.memory is None:
-            return self.base.generate(*args, **kwargs)
-        inf = self.config.inference
-        state = self.memory.state
-        state.routing.clear()
-        if self.memory.subjects is not None:  # every position reads its subject's chapter: no strategy
-            if routing is not None:
-                raise ValueError(f"routing: a memory with subject routing routes by subject; got {routing!r}, "
-                                 "leave it unset")
-            if kwargs.get("num_beams", 1) > 1:
-                raise ValueError("num_beams: subject routing keeps the ids of each row, which beam search "
-                                 "reorders; use greedy decoding or sampling")
-        else:
-            state.generation = GenerationRouting(routing or inf.routing or self.config.memory.routing,
-                                                inf.rolling_window)
+        if self.subjects is not None and kwargs.get("num_beams", 1) > 1:
+            raise ValueError("num_beams: subject routing keeps the ids of each row, which beam search reorders; "
+                             "use greedy decoding or sampling")
+        state = self.memory.state if self.memory is not None else None
+        if state is not None:
+            state.routing.clear()
+            if self.memory.subjects is not None:  # every position reads its subject's chapter: no strategy
+                if routing is not None:
+                    raise ValueError(f"routing: a memory with subject routing routes by subject; got {routing!r}, "
+                                     "leave it unset")
+            else:
+                inf = self.config.inference
+                state.generation = GenerationRouting(routing or inf.routing or self.config.memory.routing,
+                                                    inf.rolling_window)
         try:
             return self.base.generate(*args, **kwargs)
         finally:
-            state.generation = state.ids = state.subject_chapters = None
-            state.routing.clear()
+            if state is not None:
+                state.generation = None
+                state.routing.clear()
+            if self.subjects is not None:
+                self.subjects.reset()
 
     @contextlib.contextmanager
     def adapters_disabled(self):
@@ -237,6 +243,15 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     return model
 
 
+def uses_subjects(cfg: Config) -> bool:
+    """Whether the model looks subjects up: subject-routed memory or a subject-gated LoRA."""
+    return (cfg.memory.enabled and cfg.memory.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject")
+
+
+def subject_index(cfg: Config, tokenizer) -> SubjectIndex:
+    return SubjectIndex(cfg.memory.subjects, tokenizer, cfg.memory.num_chapters)
+
+
 def _lora_config(cfg: Config):
     from peft import LoraConfig
 
@@ -253,6 +268,11 @@ def _add_lora(model: MemoryModel, cfg: Config) -> None:
         model.base = get_peft_model(model.base, _lora_config(cfg))
     except ValueError as e:
         raise ConfigError("lora.target_modules", f"{cfg.lora.target_modules}: {str(e).splitlines()[0]}") from None
+    if cfg.lora.gate == "subject":  # LoRA's update B(A(x)) only where a taught subject is read
+        tracker = model.subjects
+        for name, module in model.base.named_modules():
+            if isinstance(module, nn.Linear) and ".lora_B." in f".{name}.":
+                module.register_forward_hook(lambda mod, args, out: out * tracker.reads(out.dtype))
 
 
 def lora_params_per_rank(model: MemoryModel, targets: list[str]) -> int:
@@ -276,6 +296,9 @@ def merge_lora(model: MemoryModel) -> MemoryModel:
     """Fold LoRA into the base weights (PEFT `merge_and_unload`); memory layers stay as they are."""
     if not model.config.lora.enabled:
         raise ConfigError("lora.enabled", "this model has no LoRA to merge")
+    if model.config.lora.gate != "none":
+        raise ConfigError("lora.gate", f"a LoRA gated by {model.config.lora.gate} changes only some positions; "
+                          "merged into the base weights it would change all of them: not merged")
     model.base = model.base.merge_and_unload()
     model.config.lora.enabled = False
     model.merged = True  # its base weights differ from `model.pretrained`: always save them in full
@@ -333,9 +356,8 @@ def load_model(directory: str | Path, device: str | torch.device | None = None, 
     load_weights(model, src)
     if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():
         model.tokenizer = load_tokenizer(str(src))
-        if model.memory is not None and model.memory.subjects is not None:  # subjects as the saved tokenizer encodes them
-            mem = model.config.memory
-            model.memory.subjects = SubjectIndex(mem.subjects, model.tokenizer, mem.num_chapters)
+        if model.subjects is not None:  # subjects as the saved tokenizer encodes them
+            model.subjects.index = subject_index(model.config, model.tokenizer)
     return model
 
 

@@ -9,7 +9,8 @@ no taught subject, read nothing: the memory adds exactly 0 there, so what the ba
 else is untouched by whatever the memory learns.
 
 A position's chapter depends only on the tokens up to it, so packed training blocks, evaluation and generation
-with or without a KV cache route every position alike. Matching is on token ids: a subject written differently
+with or without a KV cache route every position alike. `lora.gate: subject` uses the same lookup to switch LoRA
+off wherever no taught subject is read (the baseline that shares subject routing's guarantee). Matching is on token ids: a subject written differently
 (another spelling, only the last name, a tokenization that merges the name with the next character) is not
 found, and a subject whose tokens occur inside a longer word ("Ann" in "Anna" with byte tokens) is found there.
 """
@@ -67,3 +68,36 @@ class SubjectIndex:
         if device not in self._on:
             self._on[device] = {n: tuple(t.to(device) for t in table) for n, table in self._tables.items()}
         return self._on[device]
+
+
+class SubjectTracker:
+    """The chapter each position of the current forward reads: `chapters` (B, T), -1 where nothing is read.
+    `hook` is a forward pre-hook (with kwargs) on the base model, so it is up to date before any layer runs;
+    with a KV cache a call passes only the new positions, so the ids of the earlier calls are kept (B, L)."""
+
+    def __init__(self, index: SubjectIndex):
+        self.index = index
+        self.ids: torch.Tensor | None = None
+        self.chapters: torch.Tensor | None = None
+
+    def hook(self, module, args, kwargs) -> None:
+        self.observe(kwargs.get("input_ids", args[0] if args else None), kwargs.get("past_key_values"))
+
+    def observe(self, ids: torch.Tensor | None, cache) -> None:
+        if ids is None:
+            raise ValueError("subject routing finds subjects in the input ids: pass input_ids, not inputs_embeds")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past:
+            if self.ids is None or self.ids.shape[0] != ids.shape[0] or self.ids.shape[1] < past:
+                raise ValueError("subject routing: a KV cache of positions this model did not see; start the "
+                                 "sequence without past_key_values")
+            ids = torch.cat([self.ids[:, :past], ids], dim=1)  # a cropped cache drops the ids after it
+        self.ids = ids
+        self.chapters = self.index.chapters(ids)[:, past:]
+
+    def reads(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T, 1): 1 where the position reads a subject's chapter, else 0."""
+        return (self.chapters >= 0)[..., None].to(dtype)
+
+    def reset(self) -> None:
+        self.ids = self.chapters = None
