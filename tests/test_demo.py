@@ -77,6 +77,16 @@ def test_demo_methods_reuse_runs_with_the_same_config(tmp_path, capsys):
         p.numel() for p in build_model(load_config(cfg.to_dict(), ["memory.enabled=false"])).parameters())
     again = run_demo(cfg, str(tmp_path / "demo"), methods)
     assert "== wide: reusing" in capsys.readouterr().out and again == first
+    # a run saved before a config key existed is reused (the key's default keeps the old behaviour) ...
+    saved = tmp_path / "demo" / "wide" / "result.json"
+    prior = json.loads(saved.read_text())
+    del prior["config"]["memory"]["subjects"], prior["config"]["lora"]["gate"]
+    saved.write_text(json.dumps(prior))
+    assert run_demo(cfg, str(tmp_path / "demo"), methods) == first
+    assert "== wide: reusing" in capsys.readouterr().out
+    # ... one whose config changed is not: the run folder refuses to be overwritten
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_demo(cfg, str(tmp_path / "demo"), {"wide": [*methods["wide"], "training.lr=0.5"]})
 
 
 def test_matching_intermediate_size_spends_the_memory_parameters_on_the_mlp():
