@@ -54,6 +54,26 @@ def test_longer_subject_ending_at_the_same_token_wins_and_batch_rows_are_indepen
     assert got[:, -1].tolist() == [1, 0]
 
 
+def test_a_byte_level_bpe_tokenizer_finds_the_subject_with_and_without_a_leading_space():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    text = ["Cyrus Vance works in Oslo.", "Where does Cyrus Vance work?", "Bruno Crane met Cyrus Vance."] * 20
+    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+    assert tok.encode(" Cyrus Vance")[0] != tok.encode("Cyrus Vance")[0]  # the space changes the tokens
+    index = SubjectIndex(["Cyrus Vance"], tok, num_chapters=1)
+    for line in ("Cyrus Vance works in Oslo.", "Where does Cyrus Vance work?"):
+        ids = _encode(tok, line)
+        n = len(tok.encode(line[: line.index("Vance") + len("Vance")]))
+        assert index.chapters(ids)[0].tolist() == [-1] * (n - 1) + [0] * (ids.shape[1] - n + 1)
+    assert index.chapters(_encode(tok, "Bruno Crane works.")).eq(-1).all()
+
+
 def _subject_model(arch="llama", chapters=4, **sections):
     cfg = tiny_config(arch, memory={"routing": "subject", "num_chapters": chapters, "top_k": 1,
                                     "wo_init": "identity", "subjects": SUBJECTS}, **sections)
