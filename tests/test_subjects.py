@@ -210,7 +210,8 @@ def test_subjects_from_a_text_file(tmp_path):
     ({"top_k": 1, "subjects": ["Ada", "Bo", "Ada"]}, {},
      "memory.subjects: 'Ada' is listed twice (each subject owns one chapter)"),
     ({"routing": "sequence", "subjects": ["Ada"]}, {},
-     "memory.subjects: only used with memory.routing subject or lora.gate subject, got routing sequence"),
+     "memory.subjects: only used with memory.routing subject or an enabled LoRA with lora.gate subject, got "
+     "routing sequence"),
     ({"top_k": 1}, {"inference": {"routing": "sequence"}},
      "inference.routing: must be null with memory.routing subject (every position reads its subject's chapter), "
      "got sequence"),
@@ -268,3 +269,19 @@ def test_subject_gated_lora_trains_and_is_not_merged():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
     with pytest.raises(ConfigError, match="lora.gate: a LoRA gated by subject changes only some positions"):
         merge_lora(model)
+
+
+def test_subject_gated_lora_is_saved_and_refuses_layers_it_cannot_gate(tmp_path):
+    model = _gated_lora(False)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    ids = _encode(model.tokenizer, "Bruno Crane and Zelda Zimmer")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        last = model.base(ids, logits_to_keep=1).logits  # lm_head sees the last position only: gated by its mask
+    assert last.shape == (1, 1, len(model.tokenizer))
+    cfg = tiny_config(memory={"enabled": False, "subjects": SUBJECTS}, model={"freeze_base": True},
+                      lora={"enabled": True, "r": 4, "gate": "subject", "target_modules": ["embed_tokens", "q_proj"]})
+    with pytest.raises(ConfigError, match=r"lora.target_modules: lora.gate subject gates Linear layers only, not "
+                                          r"embed_tokens \(Embedding\)"):
+        build_model(cfg)

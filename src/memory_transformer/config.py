@@ -374,8 +374,8 @@ def validate(cfg: Config) -> None:
     if (mem.enabled and mem.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject"):
         _resolve_subjects(cfg)
     elif mem.enabled and mem.subjects is not None:
-        raise ConfigError("memory.subjects", f"only used with memory.routing subject or lora.gate subject, got "
-                          f"routing {mem.routing}")
+        raise ConfigError("memory.subjects", f"only used with memory.routing subject or an enabled LoRA with "
+                          f"lora.gate subject, got routing {mem.routing}")
 
 
 def _check_replay(cfg: Config) -> None:

@@ -100,7 +100,8 @@ class MemoryModel(nn.Module):
         defaults to the routing the memory was trained with, `memory.routing`; see memory/strategies.py). A memory
         with subject routing takes no strategy: every position reads its subject's chapter (memory/subjects.py)."""
         kwargs = {**self._generation_defaults(kwargs), **kwargs}
-        if self.subjects is not None and kwargs.get("num_beams", 1) > 1:
+        gen_cfg = kwargs.get("generation_config") or getattr(self.base, "generation_config", None)
+        if self.subjects is not None and (kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1) > 1:
             raise ValueError("num_beams: subject routing keeps the ids of each row, which beam search reorders; "
                              "use greedy decoding or sampling")
         state = self.memory.state if self.memory is not None else None
@@ -268,11 +269,22 @@ def _add_lora(model: MemoryModel, cfg: Config) -> None:
         model.base = get_peft_model(model.base, _lora_config(cfg))
     except ValueError as e:
         raise ConfigError("lora.target_modules", f"{cfg.lora.target_modules}: {str(e).splitlines()[0]}") from None
-    if cfg.lora.gate == "subject":  # LoRA's update B(A(x)) only where a taught subject is read
-        tracker = model.subjects
-        for name, module in model.base.named_modules():
-            if isinstance(module, nn.Linear) and ".lora_B." in f".{name}.":
-                module.register_forward_hook(lambda mod, args, out: out * tracker.reads(out.dtype))
+    if cfg.lora.gate == "subject":
+        _gate_lora(model)
+
+
+def _gate_lora(model: MemoryModel) -> None:
+    """LoRA's update B(A(x)) only at the positions that read a taught subject: each lora_B output (B, T', out) is
+    multiplied by the last T' positions' mask (T' < T when only the last logits are computed)."""
+    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
+
+    tracker = model.subjects
+    for name, module in model.base.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
+            raise ConfigError("lora.target_modules", f"lora.gate subject gates Linear layers only, not "
+                              f"{name.split('.')[-1]} ({type(module).__name__})")
+        if isinstance(module, nn.Linear) and ".lora_B." in f".{name}.":
+            module.register_forward_hook(lambda mod, args, out: out * tracker.reads(out.dtype)[:, -out.shape[1]:])
 
 
 def lora_params_per_rank(model: MemoryModel, targets: list[str]) -> int:
