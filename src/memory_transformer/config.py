@@ -348,6 +348,11 @@ def validate(cfg: Config) -> None:
         _positive("training.max_steps", t.max_steps)
     if t.max_steps is None and t.num_epochs is None:
         raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
+    from memory_transformer.data.synthetic_facts import MAX_PEOPLE
+
+    if cfg.data.source == "synthetic_facts" and not 1 <= cfg.data.num_people <= MAX_PEOPLE:
+        raise ConfigError("data.num_people", f"the synthetic corpus has 1 to {MAX_PEOPLE} people, got "
+                          f"{cfg.data.num_people}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.replay_people is not None and cfg.data.source != "synthetic_facts":

@@ -64,6 +64,8 @@ Kelp Lantern Lumen Maple Meridian Mistral Nimbus Onyx Orchid Pebble Pinnacle Qua
 Sequoia Sierra Solstice Spruce Summit Tundra Umber Vantage Verdant Willow Zenith Zephyr
 """.split(), ["Labs", "Systems", "Industries", "Works", "Group", "Logistics"] * 10)]
 
+MAX_PEOPLE = len(FIRST_NAMES) * len(LAST_NAMES)  # distinct full names
+
 MONTHS = "January February March April May June July August September October November December".split()
 DAYS = range(1, 29)  # 1..28 exist in every month, so day and month are independent and the count is exact
 YEARS = range(1900, 2000)
@@ -188,12 +190,11 @@ class SyntheticFacts:
     bits_per_attribute = {a: math.log2(n) for a, n in VALUE_COUNTS.items()}
 
     def __init__(self, num_people: int, seed: int = 0, qa_fraction: float = 0.25):
-        max_people = len(FIRST_NAMES) * len(LAST_NAMES)
-        if not 1 <= num_people <= max_people:
-            raise ValueError(f"num_people must be between 1 and {max_people}, got {num_people}")
+        if not 1 <= num_people <= MAX_PEOPLE:
+            raise ValueError(f"num_people must be between 1 and {MAX_PEOPLE}, got {num_people}")
         self.seed, self.qa_fraction = seed, qa_fraction
         rng = random.Random(f"{seed}:people")
-        codes = rng.sample(range(max_people), num_people)  # without replacement -> unique full names
+        codes = rng.sample(range(MAX_PEOPLE), num_people)  # without replacement -> unique full names
         names = [f"{FIRST_NAMES[c // len(LAST_NAMES)]} {LAST_NAMES[c % len(LAST_NAMES)]}" for c in codes]
         self.people = [_make_person(rng, name) for name in names]
 
