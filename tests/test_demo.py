@@ -55,6 +55,18 @@ def test_adapter_demo_compares_methods_at_matched_parameters_and_reuses_the_base
                                                                            "lora.enabled=true", "lora.r=3"]})
 
 
+def test_adapter_demo_adds_lora_gated_by_the_same_lookup_when_memory_routes_by_subject():
+    from memory_transformer.demo import METHODS, adapter_methods
+
+    assert adapter_methods(_teach_cfg()) == METHODS
+    subject = load_config(_teach_cfg().to_dict(), ["memory.routing=subject", "memory.num_chapters=2"])
+    methods = adapter_methods(subject)
+    assert list(methods) == ["memory", "lora", "memory+lora", "lora-gated"]
+    gated = load_config(subject.to_dict(), methods["lora-gated"])
+    assert (gated.memory.enabled, gated.lora.enabled, gated.lora.gate) == (False, True, "subject")
+    assert gated.memory.subjects == subject.memory.subjects and len(gated.memory.subjects) == 2
+
+
 def test_demo_compares_vanilla_and_memory(tmp_path):
     cfg = load_config({"model": TINY, "memory": {"num_tokens": 64, "num_heads": 4},
                        "data": {"num_people": 3, "samples_per_epoch": 8},

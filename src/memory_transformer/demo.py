@@ -144,10 +144,18 @@ METHODS = {  # name -> overrides of the teaching config
 }
 
 
+def adapter_methods(teach_cfg: Config) -> dict[str, list[str]]:
+    """METHODS, plus LoRA gated by the same subject lookup when the memory routes by subject: the baseline that
+    shares subject routing's guarantee on untaught subjects."""
+    if teach_cfg.memory.routing != "subject":
+        return METHODS
+    return {**METHODS, "lora-gated": ["memory.enabled=false", "lora.enabled=true", "lora.gate=subject"]}
+
+
 def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None,
                      methods: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """Train the base (or reuse the one already in `out`), then teach it with each method: name -> overrides of
-    the teaching config (default METHODS). LoRA's rank is set to match the trainable parameters of the teaching
+    the teaching config (default `adapter_methods`). LoRA's rank is set to match the trainable parameters of the teaching
     config's memory; a method's own `lora.r=...` wins. A method already run in `out` with the same resolved
     config is not trained again: its saved result is reused (a changed config meets the run folder's refusal)."""
     from memory_transformer.data.synthetic_facts import SyntheticFacts
@@ -171,7 +179,7 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     teach = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
     probe = build_model(load_config(teach_cfg.to_dict(), [*teach, *METHODS["memory"]]))
     rank, _ = matching_lora_rank(probe)
-    for name, overrides in (methods or METHODS).items():
+    for name, overrides in (methods or adapter_methods(teach_cfg)).items():
         cfg = load_config(teach_cfg.to_dict(), [*teach, f"lora.r={rank}", *overrides,
                                                 f"training.output_dir={root / name}"])
         results[name] = _train_or_reuse(name, cfg, lambda summary, d: _adapter_result(summary, d, old_facts))
