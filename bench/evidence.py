@@ -2,7 +2,8 @@
 and tokens/s, plus a plot.
 
     python bench/evidence.py --seeds 0 1 2 [--base-config configs/demo_adapter_base.yaml]
-                             [--config configs/demo_adapter.yaml] [--set KEY=VALUE ...] [--out runs/evidence]
+                             [--config configs/demo_adapter.yaml] [--set KEY=VALUE ...] [--base-set KEY=VALUE ...]
+                             [--out runs/evidence]
                              [--variant NAME KEY=VALUE ... ]...
     python bench/evidence.py --scratch --seeds 0 1 2 [--config configs/demo.yaml] [--out runs/evidence-scratch] ...
 
@@ -92,7 +93,7 @@ def run_adapter(args, methods: dict | None) -> tuple[list[dict], list, str]:
     runs = []
     for seed in args.seeds:
         seeded = [f"data.seed={seed}", f"training.seed={seed}"]
-        base = load_config(args.base_config, seeded)
+        base = load_config(args.base_config, [*seeded, *args.base_set])
         teach = load_config(args.config or "configs/demo_adapter.yaml", [*seeded, *args.set])
         runs.append(run_adapter_demo(base, teach, str(Path(args.out) / f"seed-{seed}"), methods))
     base_old = mean_std([r["base"]["recall_old"] for r in runs], "{:.1%}")
@@ -106,6 +107,7 @@ def main() -> None:
     p.add_argument("--base-config", default="configs/demo_adapter_base.yaml")
     p.add_argument("--config", help="default: configs/demo_adapter.yaml, with --scratch configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], help="override for the (teaching) config")
+    p.add_argument("--base-set", action="append", default=[], help="override for the base config (adapter demo)")
     p.add_argument("--out", help="default: runs/evidence, with --scratch runs/evidence-scratch")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="a named method: overrides of the config (repeatable; replaces the defaults)")

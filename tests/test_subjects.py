@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memory_transformer import ConfigError, build_model, load_model
+from memory_transformer import ConfigError, build_model, load_config, load_model
 from memory_transformer.memory.subjects import SubjectIndex
 from memory_transformer.data.tokenizer import load_tokenizer
 from conftest import ARCHS, tiny_config
@@ -193,6 +193,12 @@ def test_synthetic_facts_fill_in_the_taught_people():
     assert cfg.memory.subjects == [p.name for p in SyntheticFacts(10, 0).people[6:10]]
 
 
+def test_a_resolved_subject_config_runs_with_another_routing():
+    cfg = tiny_config(memory={"routing": "subject", "top_k": 1}, data={"num_people": 4})
+    other = load_config(cfg.to_dict(), ["memory.routing=sequence"])
+    assert other.memory.subjects == cfg.memory.subjects and build_model(other).subjects is None
+
+
 def test_subjects_from_a_text_file(tmp_path):
     (tmp_path / "subjects.txt").write_text("Ada Abbott\n\n  Bruno Crane \n")
     cfg = tiny_config(memory={"routing": "subject", "top_k": 1, "subjects": str(tmp_path / "subjects.txt")})
@@ -209,9 +215,6 @@ def test_subjects_from_a_text_file(tmp_path):
     ({"top_k": 1, "subjects": ["Ada", " "]}, {}, "memory.subjects: a subject must have a non-space character, got ' '"),
     ({"top_k": 1, "subjects": ["Ada", "Bo", "Ada"]}, {},
      "memory.subjects: 'Ada' is listed twice (each subject owns one chapter)"),
-    ({"routing": "sequence", "subjects": ["Ada"]}, {},
-     "memory.subjects: only used with memory.routing subject or an enabled LoRA with lora.gate subject, got "
-     "routing sequence"),
     ({"top_k": 1}, {"inference": {"routing": "sequence"}},
      "inference.routing: must be null with memory.routing subject (every position reads its subject's chapter), "
      "got sequence"),

@@ -69,7 +69,8 @@ class MemoryConfig:
     # chapter of the last taught subject mentioned before it, and nothing before any (memory/subjects.py)
     routing: Literal["sequence", "token", "subject"] = "sequence"
     # subject routing: the taught subjects (subject i owns chapter i mod num_chapters), or a text file with one
-    # per line (path from the working directory); null with data.source synthetic_facts = the taught people
+    # per line (path from the working directory); null with data.source synthetic_facts = the taught people.
+    # Ignored by other routings (a resolved config can be re-run with memory.routing=sequence)
     subjects: Union[list[str], str, None] = None
     kv: Literal["projected", "learned"] = "learned"  # keys/values: learned directly, or W_k, W_v of one bank row
     slot_top_k: int | None = 8  # sparse read: each query reads its best slots of each chapter; null (or >= S) = all
@@ -378,9 +379,6 @@ def validate(cfg: Config) -> None:
         _check_subject_routing(cfg)
     if (mem.enabled and mem.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject"):
         _resolve_subjects(cfg)
-    elif mem.enabled and mem.subjects is not None:
-        raise ConfigError("memory.subjects", f"only used with memory.routing subject or an enabled LoRA with "
-                          f"lora.gate subject, got routing {mem.routing}")
 
 
 def _check_replay(cfg: Config) -> None:
