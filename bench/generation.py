@@ -2,8 +2,9 @@
 
 (a) the base model alone (memory off, the same base weights as the others), (b) base + memory with 131,072 slots
 in 128 chapters (top_k 1) in every layer, sequence routing (chapters chosen on the prompt, K/V cached), (c) the
-same model with token routing (every token picks its chapter). Batch 1, a 32-token prompt, 128 new tokens,
-KV cache on. Prints tokens/s (median over interleaved repeats), the ratios memory / base, and the ratio of
+same model with token routing (every token picks its chapter), (d) the same bank with subject routing (128 names,
+one chapter each; the prompt names one, and every generated token extends the name lookup). Batch 1, a
+32-token prompt, 128 new tokens, KV cache on. Prints tokens/s (median over interleaved repeats), the ratios memory / base, and the ratio of
 multiply-adds: a 1,024-slot read costs 2 * 1,024 * d per token and layer, about half of a hidden-256 decoder
 layer, so that ratio bounds what (b) can reach at these shapes.
 
@@ -20,6 +21,7 @@ import time
 import torch
 
 from memory_transformer import build_model, load_config
+from memory_transformer.data.synthetic_facts import SyntheticFacts
 
 
 def make(args, memory: dict):
@@ -64,10 +66,17 @@ def main() -> None:
     args.memory_layers = args.memory_layers or args.layers
     memory = make(args, {"num_tokens": 131072, "num_chapters": 128, "top_k": 1})
     base = make(args, {"enabled": False})
-    base.base.load_state_dict(memory.base.state_dict())  # same base weights: only the memory differs
+    names = [p.name for p in SyntheticFacts(128, seed=0).people]
+    subject = make(args, {"num_tokens": 131072, "num_chapters": 128, "top_k": 1, "routing": "subject",
+                          "subjects": names})
+    for model in (base, subject):  # same base weights: only the memory differs
+        model.base.load_state_dict(memory.base.state_dict())
+    subject.memory.load_state_dict(memory.memory.state_dict(), strict=False)  # no router under subject routing
     setups = {"a: base alone": (base, None), "b: memory, sequence routing": (memory, "sequence"),
-              "c: memory, token routing": (memory, "token")}
+              "c: memory, token routing": (memory, "token"), "d: memory, subject routing": (subject, None)}
     prompt = torch.randint(3, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    named = subject.tokenizer.encode(f"Q: Where was {names[5]} born?", add_special_tokens=False)
+    prompt[0, -len(named):] = torch.tensor(named)  # the prompt ends with a question naming a subject
     speed = {name: [] for name in setups}
     with torch.inference_mode():
         for i in range(args.repeats + 1):  # interleaved, so machine noise hits every setup alike
@@ -82,9 +91,10 @@ def main() -> None:
     print(f"{'setup':<34}{'tokens/s':>10}{'ms/token':>10}")
     for name in setups:
         print(f"{name:<34}{med[name]:>10.1f}{1e3 / med[name]:>10.2f}")
-    a, b, c = (med[n] for n in setups)
+    a, b, c, d = (med[n] for n in setups)
     print(f"b/a = {b / a:.2f}   (sequence routing vs base; target >= 0.8; multiply-add ratio {flops_ratio(args):.2f})")
     print(f"c/a = {c / a:.2f}   (token routing vs base: re-routes and may switch chapter at every token)")
+    print(f"d/a = {d / a:.2f}   (subject routing vs base: one name lookup per generated token; d/b = {d / b:.2f})")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ def test_end_of_sequence_resets_and_unknown_subjects_read_nothing():
     assert index.chapters(_encode(tok, "Zelda Zimmer was born in Oslo.")).eq(-1).all()
 
 
+def test_looking_up_only_the_new_positions_with_the_carried_chapter_equals_a_full_scan():
+    tok = load_tokenizer("bytes")
+    index = SubjectIndex(SUBJECTS, tok, num_chapters=4)
+    rows = ["Who is Bruno Crane? Ask Ada Abbott Jr and Cyrus Vance.", "Cyrus Vance works. Then Ada Abbott came by"]
+    ids = torch.tensor([tok.encode(r, add_special_tokens=False)[:40] for r in rows])
+    ids[1, 18] = tok.eos_token_id  # an end of sequence inside the row
+    full = index.chapters(ids)
+    assert full.eq(-1).any() and full.ge(0).any()
+    for start in range(1, ids.shape[1]):  # every split, including ones inside a mention
+        assert torch.equal(index.chapters(ids, start=start, carry=full[:, start - 1]), full[:, start:]), start
+
+
 def test_longer_subject_ending_at_the_same_token_wins_and_batch_rows_are_independent():
     tok = load_tokenizer("bytes")
     index = SubjectIndex(["Vance", "Cyrus Vance"], tok, num_chapters=2)

@@ -45,24 +45,33 @@ class SubjectIndex:
             hashes, order = hashes.sort()
             chapters = torch.tensor(list(by_length[length].values()), dtype=torch.long, device=cpu)
             self._tables[length] = (patterns[order], chapters[order], hashes, weights[:length])
+        self.longest = max(by_length, default=1)
         self._on: dict[torch.device, dict[int, tuple[torch.Tensor, ...]]] = {}
 
-    def chapters(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) -> the chapter each position reads (B, T), or -1 where it reads nothing."""
+    def chapters(self, ids: torch.Tensor, start: int = 0, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) -> the chapter each position from `start` on reads (B, T - start), -1 where it reads
+        nothing. `carry` (B,) is the chapter position start - 1 reads (needed when start > 0); only the windows
+        ending at or after `start` are scanned, so a generation step costs the same at any length."""
         B, T = ids.shape
+        lo = max(0, start - self.longest + 1)  # every window ending at or after `start` lies within ids[:, lo:]
+        ids = ids[:, lo:]
         event = torch.full_like(ids, NO_EVENT)  # what happens at a position: a mention ends, or eos
         if self.eos is not None:
             event[ids == self.eos] = NO_READ
         for length, (patterns, chapters, hashes, weights) in self._tables_on(ids.device).items():
-            if length > T:
+            if length > ids.shape[1]:
                 break
-            windows = ids.unfold(1, length, 1)  # (B, T - L + 1, L), window w ends at position w + L - 1
+            windows = ids.unfold(1, length, 1)  # (B, n - L + 1, L), window w ends at position w + L - 1
             j = torch.searchsorted(hashes, (windows * weights).sum(-1)).clamp(max=len(hashes) - 1)
             hit = (patterns[j] == windows).all(-1)
             event[:, length - 1:] = torch.where(hit, chapters[j], event[:, length - 1:])
-        positions = torch.arange(T, device=ids.device).expand(B, T)
+        event = event[:, start - lo:]
+        if start:
+            event = torch.cat([carry[:, None].to(event.dtype), event], dim=1)  # the carried read, never NO_EVENT
+        positions = torch.arange(event.shape[1], device=ids.device).expand(B, -1)
         last = torch.where(event != NO_EVENT, positions, -1).cummax(dim=1).values  # last event at or before
-        return torch.where(last >= 0, event.gather(1, last.clamp(min=0)), NO_READ)
+        read = torch.where(last >= 0, event.gather(1, last.clamp(min=0)), NO_READ)
+        return read[:, 1:] if start else read
 
     def _tables_on(self, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:
         if device not in self._on:
@@ -73,11 +82,13 @@ class SubjectIndex:
 class SubjectTracker:
     """The chapter each position of the current forward reads: `chapters` (B, T), -1 where nothing is read.
     `hook` is a forward pre-hook (with kwargs) on the base model, so it is up to date before any layer runs;
-    with a KV cache a call passes only the new positions, so the ids of the earlier calls are kept (B, L)."""
+    with a KV cache a call passes only the new positions, so the ids and chapters of the earlier calls are kept
+    (B, L) and only the new positions are looked up."""
 
     def __init__(self, index: SubjectIndex):
         self.index = index
         self.ids: torch.Tensor | None = None
+        self.read: torch.Tensor | None = None  # (B, L): the chapter of every position seen so far
         self.chapters: torch.Tensor | None = None
 
     def hook(self, module, args, kwargs) -> None:
@@ -92,12 +103,15 @@ class SubjectTracker:
                 raise ValueError("subject routing: a KV cache of positions this model did not see; start the "
                                  "sequence without past_key_values")
             ids = torch.cat([self.ids[:, :past], ids], dim=1)  # a cropped cache drops the ids after it
+            self.chapters = self.index.chapters(ids, start=past, carry=self.read[:, past - 1])
+            self.read = torch.cat([self.read[:, :past], self.chapters], dim=1)
+        else:
+            self.chapters = self.read = self.index.chapters(ids)
         self.ids = ids
-        self.chapters = self.index.chapters(ids)[:, past:]
 
     def reads(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, T, 1): 1 where the position reads a subject's chapter, else 0."""
         return (self.chapters >= 0)[..., None].to(dtype)
 
     def reset(self) -> None:
-        self.ids = self.chapters = None
+        self.ids = self.read = self.chapters = None
