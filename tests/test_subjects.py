@@ -224,8 +224,8 @@ def test_subjects_from_a_text_file(tmp_path):
      "(data.source corpus.txt has no built-in people)"),
     ({"top_k": 1, "subjects": "missing.txt"}, {}, "memory.subjects: file not found: missing.txt"),
     ({"top_k": 1, "subjects": []}, {}, "memory.subjects: subject routing needs at least one subject, got none"),
-    ({"top_k": 1, "subjects": ["Ada", " "]}, {}, "memory.subjects: a subject must have a non-space character, got ' '"),
-    ({"top_k": 1, "subjects": ["Ada", "Bo", "Ada"]}, {},
+    ({"top_k": 1, "subjects": ["Ada", " "]}, {}, "memory.subjects: subject 1 (counting from 0) is empty or only spaces"),
+    ({"top_k": 1, "subjects": ["Ada", "Bo", " Ada"]}, {},
      "memory.subjects: 'Ada' is listed twice (each subject owns one chapter)"),
     ({"top_k": 1}, {"inference": {"routing": "sequence"}},
      "inference.routing: must be null with memory.routing subject (every position reads its subject's chapter), "
@@ -235,6 +235,42 @@ def test_subject_routing_config_errors(memory, sections, message):
     with pytest.raises(ConfigError) as e:
         tiny_config(memory={"routing": "subject", **memory}, **sections)
     assert str(e.value) == message
+
+
+def test_a_subjects_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    (tmp_path / "names.txt").write_bytes(b"Ada Abbott\n\xff\xfeBruno\n")
+    with pytest.raises(ConfigError) as e:
+        tiny_config(memory={"routing": "subject", "top_k": 1, "subjects": str(tmp_path / "names.txt")})
+    assert str(e.value) == f"memory.subjects: {tmp_path / 'names.txt'} is not UTF-8 text (invalid start byte at byte 11)"
+
+
+def test_two_subjects_the_tokenizer_encodes_alike_are_a_config_error():
+    class Lower:  # a tokenizer that normalises case, as some do
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=False):
+            return list(text.lower().encode())
+
+    with pytest.raises(ConfigError) as e:
+        SubjectIndex(["Ada Abbott", "Bruno", "ADA ABBOTT"], Lower(), num_chapters=4)
+    assert str(e.value) == ("memory.subjects: 'Ada Abbott' and 'ADA ABBOTT' are the same tokens for this tokenizer: "
+                            "list each subject once")
+
+
+def test_eos_resets_the_lookup_in_pretraining_only_a_chat_answer_reads_its_questions_subject():
+    from memory_transformer.model import subject_index
+
+    tok = load_tokenizer("bytes")
+    question = tok.encode("Where was Cyrus Vance born?", add_special_tokens=False)
+    answer = tok.encode("Oslo", add_special_tokens=False)
+    ids = torch.tensor([question + [tok.eos_token_id] + answer])  # eos ends the user's turn in a chat
+    memory = {"routing": "subject", "top_k": 1, "subjects": SUBJECTS}
+    cfg = tiny_config(memory=memory)
+    documents = subject_index(cfg, tok).chapters(ids)[0]
+    cfg.data.mode = "instruction_finetuning"  # (validation would ask for a chat template, which bytes lack)
+    chat = subject_index(cfg, tok).chapters(ids)[0]
+    assert documents[-len(answer) - 1:].tolist() == [-1] * (len(answer) + 1)
+    assert chat[-len(answer) - 1:].tolist() == [3] * (len(answer) + 1)  # Cyrus Vance: subject 3 of 4 chapters
 
 
 def test_generate_refuses_a_routing_strategy_and_beam_search():

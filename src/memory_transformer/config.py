@@ -377,7 +377,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
     if mem.enabled and mem.routing == "subject":
         _check_subject_routing(cfg)
-    if (mem.enabled and mem.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject"):
+    if uses_subjects(cfg):
         _resolve_subjects(cfg)
 
 
@@ -454,6 +454,11 @@ def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
                           f"must divide the bank row width ({row}) for int4 quantization, got {mem.quant_group_size}")
 
 
+def uses_subjects(cfg: Config) -> bool:
+    """Whether the model looks subjects up: subject-routed memory or a subject-gated LoRA."""
+    return (cfg.memory.enabled and cfg.memory.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject")
+
+
 def _check_subject_routing(cfg: Config) -> None:
     """Subject routing: one chapter per token, chosen by the lookup, whatever the generation strategy."""
     if cfg.memory.top_k != 1:
@@ -466,27 +471,30 @@ def _check_subject_routing(cfg: Config) -> None:
 
 def _resolve_subjects(cfg: Config) -> None:
     """`memory.subjects` as an explicit list (saved with the run): from a file, or the synthetic corpus's people."""
-    mem = cfg.memory
+    mem, d = cfg.memory, cfg.data
     if isinstance(mem.subjects, str):
         path = Path(mem.subjects)
         if not path.is_file():
             raise ConfigError("memory.subjects", f"file not found: {path}")
-        mem.subjects = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    elif mem.subjects is None:
-        if cfg.data.source != "synthetic_facts":
-            raise ConfigError("memory.subjects", "subject routing needs the taught subjects: a list of names or a "
-                              f"text file with one per line (data.source {cfg.data.source} has no built-in people)")
+        try:
+            mem.subjects = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError("memory.subjects", f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    elif mem.subjects is not None:
+        mem.subjects = [s.strip() for s in mem.subjects]  # as file lines are: the lookup adds the leading space
+    elif d.source == "synthetic_facts":
         from memory_transformer.data.synthetic_facts import SyntheticFacts
 
-        d = cfg.data
         facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
-        facts = facts.subset(*d.people) if d.people is not None else facts
-        mem.subjects = [p.name for p in facts.people]
+        mem.subjects = [p.name for p in (facts.subset(*d.people) if d.people is not None else facts).people]
+    else:
+        raise ConfigError("memory.subjects", "subject routing needs the taught subjects: a list of names or a "
+                          f"text file with one per line (data.source {d.source} has no built-in people)")
     if not mem.subjects:
         raise ConfigError("memory.subjects", "subject routing needs at least one subject, got none")
-    blank = [s for s in mem.subjects if not s.strip()]
+    blank = [i for i, s in enumerate(mem.subjects) if not s]
     if blank:
-        raise ConfigError("memory.subjects", f"a subject must have a non-space character, got {blank[0]!r}")
+        raise ConfigError("memory.subjects", f"subject {blank[0]} (counting from 0) is empty or only spaces")
     seen: set[str] = set()
     for subject in mem.subjects:
         if subject in seen:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from memory_transformer.config import Config, ConfigError, load_config, resolve_layers
+from memory_transformer.config import Config, ConfigError, load_config, resolve_layers, uses_subjects
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
 from memory_transformer.memory.quant import BITS
@@ -244,13 +244,11 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     return model
 
 
-def uses_subjects(cfg: Config) -> bool:
-    """Whether the model looks subjects up: subject-routed memory or a subject-gated LoRA."""
-    return (cfg.memory.enabled and cfg.memory.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject")
-
-
 def subject_index(cfg: Config, tokenizer) -> SubjectIndex:
-    return SubjectIndex(cfg.memory.subjects, tokenizer, cfg.memory.num_chapters)
+    """eos ends a document in pretraining mode only; in a chat it ends a turn, and the answer reads its question's
+    subject."""
+    return SubjectIndex(cfg.memory.subjects, tokenizer, cfg.memory.num_chapters,
+                        reset_at_eos=cfg.data.mode == "pretraining")
 
 
 def _lora_config(cfg: Config):
@@ -275,7 +273,7 @@ def _add_lora(model: MemoryModel, cfg: Config) -> None:
 
 def _gate_lora(model: MemoryModel) -> None:
     """LoRA's update B(A(x)) only at the positions that read a taught subject: each lora_B output (B, T', out) is
-    multiplied by the last T' positions' mask (T' < T when only the last logits are computed)."""
+    replaced by 0 outside the last T' positions' mask (T' < T when only the last logits are computed)."""
     from peft.tuners.lora import Linear as LoraLinear, LoraLayer
 
     tracker = model.subjects
@@ -284,7 +282,8 @@ def _gate_lora(model: MemoryModel) -> None:
             raise ConfigError("lora.target_modules", f"lora.gate subject gates Linear layers only, not "
                               f"{name.split('.')[-1]} ({type(module).__name__})")
         if isinstance(module, nn.Linear) and ".lora_B." in f".{name}.":
-            module.register_forward_hook(lambda mod, args, out: out * tracker.reads(out.dtype)[:, -out.shape[1]:])
+            module.register_forward_hook(
+                lambda mod, args, out: torch.where(tracker.reads(torch.bool)[:, -out.shape[1]:], out, 0))
 
 
 def lora_params_per_rank(model: MemoryModel, targets: list[str]) -> int:

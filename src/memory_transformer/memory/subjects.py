@@ -8,16 +8,23 @@ the next mention or an end-of-sequence token. Tokens before any mention, and all
 no taught subject, read nothing: the memory adds exactly 0 there, so what the base model knew about anything
 else is untouched by whatever the memory learns.
 
-A position's chapter depends only on the tokens up to it, so packed training blocks, evaluation and generation
-with or without a KV cache route every position alike. `lora.gate: subject` uses the same lookup to switch LoRA
+A position's chapter depends only on the tokens up to it, so evaluation and generation with or without a KV cache
+route every position alike (a packed training block that starts inside a document reads nothing until the next
+mention). The end-of-sequence token resets the lookup only where it ends a document (`data.mode: pretraining`,
+which packs documents each followed by eos); in `instruction_finetuning` a row is one chat, and an instruct
+tokenizer's eos ends a turn (`<|im_end|>`, `<|eot_id|>`): the answer reads the subject its question named. `lora.gate: subject` uses the same lookup to switch LoRA
 off wherever no taught subject is read (the baseline that shares subject routing's guarantee). Matching is on token ids: a subject written differently
 (another spelling, only the last name, a tokenization that merges the name with the next character) is not
 found, and a subject whose tokens occur inside a longer word ("Ann" in "Anna" with byte tokens) is found there.
+Each subject is indexed as encoded alone and after a space; a SentencePiece tokenizer (Llama 2, Mistral) that
+encodes a name at the start of a line differently from both is not found there.
 """
 
 from __future__ import annotations
 
 import torch
+
+from memory_transformer.config import ConfigError
 
 NO_EVENT, NO_READ = -2, -1
 
@@ -25,12 +32,16 @@ NO_EVENT, NO_READ = -2, -1
 class SubjectIndex:
     """The token sequences of the taught subjects, grouped by length, and the chapter each one reads."""
 
-    def __init__(self, subjects: list[str], tokenizer, num_chapters: int):
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, subjects: list[str], tokenizer, num_chapters: int, reset_at_eos: bool = True):
+        self.eos = tokenizer.eos_token_id if reset_at_eos else None
         by_length: dict[int, dict[tuple[int, ...], int]] = {}
+        owner: dict[tuple[int, ...], str] = {}
         for i, subject in enumerate(subjects):
             for text in (subject, " " + subject):
                 ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if ids and owner.setdefault(ids, subject) != subject:
+                    raise ConfigError("memory.subjects", f"{owner[ids]!r} and {subject!r} are the same tokens for "
+                                      "this tokenizer: list each subject once")
                 if ids:
                     by_length.setdefault(len(ids), {})[ids] = i % num_chapters
         # Each window of L ids is hashed (random int64 weights, wrapping) to find its candidate pattern by binary
