@@ -162,7 +162,7 @@ class MemoryStack(nn.Module):
             h3 = h2 + m
             extra = block.mlp(block.norm(h3))
             if self.subjects is not None:  # the extra MLP is the memory's too: nothing where nothing is read
-                extra = torch.where(self.subjects.reads(torch.bool), extra, 0)
+                extra = torch.where(self.subjects.reads(), extra, 0)
             return y + m + extra
 
         return hook

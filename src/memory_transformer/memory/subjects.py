@@ -39,15 +39,17 @@ class SubjectIndex:
         for i, subject in enumerate(subjects):
             for text in (subject, " " + subject):
                 ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-                if ids and owner.setdefault(ids, subject) != subject:
+                if not ids:
+                    continue
+                if owner.setdefault(ids, subject) != subject:
                     raise ConfigError("memory.subjects", f"{owner[ids]!r} and {subject!r} are the same tokens for "
                                       "this tokenizer: list each subject once")
-                if ids:
-                    by_length.setdefault(len(ids), {})[ids] = i % num_chapters
+                by_length.setdefault(len(ids), {})[ids] = i % num_chapters
         # Each window of L ids is hashed (random int64 weights, wrapping) to find its candidate pattern by binary
         # search; the candidate is then compared id by id, so a hash collision can never route a token wrongly.
         cpu = torch.device("cpu")  # built on the CPU whatever the default device; moved to the ids' device on use
-        weights = torch.randint(-2**62, 2**62, (max(by_length, default=1),), device=cpu,
+        self.longest = max(by_length, default=1)  # tokens in the longest pattern
+        weights = torch.randint(-2**62, 2**62, (self.longest,), device=cpu,
                                 generator=torch.Generator(cpu).manual_seed(0))
         self._tables: dict[int, tuple[torch.Tensor, ...]] = {}
         for length in sorted(by_length):  # ascending: a longer mention ending at the same token wins
@@ -56,7 +58,6 @@ class SubjectIndex:
             hashes, order = hashes.sort()
             chapters = torch.tensor(list(by_length[length].values()), dtype=torch.long, device=cpu)
             self._tables[length] = (patterns[order], chapters[order], hashes, weights[:length])
-        self.longest = max(by_length, default=1)
         self._on: dict[torch.device, dict[int, tuple[torch.Tensor, ...]]] = {}
 
     def chapters(self, ids: torch.Tensor, start: int = 0, carry: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,9 +121,9 @@ class SubjectTracker:
             self.chapters = self.read = self.index.chapters(ids)
         self.ids = ids
 
-    def reads(self, dtype: torch.dtype) -> torch.Tensor:
-        """(B, T, 1): 1 where the position reads a subject's chapter, else 0."""
-        return (self.chapters >= 0)[..., None].to(dtype)
+    def reads(self) -> torch.Tensor:
+        """(B, T, 1) bool: whether the position reads a subject's chapter."""
+        return (self.chapters >= 0)[..., None]
 
     def reset(self) -> None:
         self.ids = self.read = self.chapters = None
