@@ -17,7 +17,7 @@ import statistics
 import torch
 
 from memory_transformer.data.synthetic_facts import SyntheticFacts
-from memory_transformer.model import load_model
+from memory_transformer.io import load_model
 
 
 def read_stats(model, items, layer: int) -> dict:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from memory_transformer import ConfigError, build_model, load_config, load_model
 from memory_transformer.export import export
-from memory_transformer.model import lora_params_per_rank, matching_lora_rank
+from memory_transformer.lora import lora_params_per_rank, matching_lora_rank
 from memory_transformer.train.trainer import train
 from conftest import ARCHS, tiny_config
 

@@ -6,8 +6,9 @@ from safetensors.torch import load_file
 
 from memory_transformer import ConfigError, build_model, load_model
 from memory_transformer.memory.quant import (
-    dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8, quantize_model, unpack_int4,
+    dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8, unpack_int4,
 )
+from memory_transformer.model import quantize_model
 from conftest import MEMORY_CASES, tiny_config
 
 

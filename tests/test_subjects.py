@@ -312,7 +312,7 @@ def test_subject_gated_lora_changes_only_positions_that_read_a_subject(memory_en
 
 
 def test_subject_gated_lora_trains_and_is_not_merged():
-    from memory_transformer.model import merge_lora
+    from memory_transformer.lora import merge_lora
 
     model = _gated_lora(False).train()
     ids = _encode(model.tokenizer, "Cyrus Vance was born in Oslo.")

@@ -6,8 +6,12 @@ __all__ = ["Config", "ConfigError", "load_config", "build_model", "load_model"]
 
 
 def __getattr__(name):  # keep `import memory_transformer` light: torch/transformers load on first use
-    if name in ("build_model", "load_model"):
-        from memory_transformer import model
+    if name == "build_model":
+        from memory_transformer.model import build_model
 
-        return getattr(model, name)
+        return build_model
+    if name == "load_model":
+        from memory_transformer.io import load_model
+
+        return load_model
     raise AttributeError(name)

@@ -16,7 +16,8 @@ from memory_transformer.config import Config, ConfigError, load_config
 
 def cmd_info(args) -> int:
     """Parameter counts and bytes by component, for a config or a saved model, without training."""
-    from memory_transformer.model import build_model, load_model
+    from memory_transformer.io import load_model
+    from memory_transformer.model import build_model
 
     if args.checkpoint:
         model = load_model(args.checkpoint, overrides=args.set)
@@ -31,7 +32,7 @@ def cmd_info(args) -> int:
     for name, n in report["parameters"].items():
         print(f"{name:<18}{n:>14,}{report['bytes'][name]:>16,}")
     if model.memory is not None:
-        from memory_transformer.model import matching_lora_rank
+        from memory_transformer.lora import matching_lora_rank
 
         r, n = matching_lora_rank(model)
         print(f"LoRA rank with the memory's trainable parameters (targets {','.join(model.config.lora.target_modules)}):"
@@ -82,7 +83,7 @@ def cmd_eval(args) -> int:
         return eval_cli(args)
     from memory_transformer.data import build_data
     from memory_transformer.evaluate import evaluate
-    from memory_transformer.model import load_model
+    from memory_transformer.io import load_model
     from memory_transformer.train.trainer import make_accelerator
 
     model = load_model(args.checkpoint, overrides=None if args.config else args.set)
@@ -108,8 +109,8 @@ def cmd_lr_find(args) -> int:
 
 def cmd_quantize(args) -> int:
     """Convert a trained model's memory banks to int8 or int4 storage (for inference)."""
-    from memory_transformer.memory.quant import quantize_model
-    from memory_transformer.model import load_model
+    from memory_transformer.model import quantize_model
+    from memory_transformer.io import load_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

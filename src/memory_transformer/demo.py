@@ -160,7 +160,9 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     config is not trained again: its saved result is reused (a changed config meets the run folder's refusal)."""
     from memory_transformer.data.synthetic_facts import SyntheticFacts
     from memory_transformer.export import export_hf
-    from memory_transformer.model import build_model, load_model, matching_lora_rank
+    from memory_transformer.io import load_model
+    from memory_transformer.lora import matching_lora_rank
+    from memory_transformer.model import build_model
 
     root = Path(out or f"runs/demo-adapter-{time.strftime('%Y%m%d-%H%M%S')}")
     old = base_cfg.data.people
@@ -193,7 +195,7 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
 
 def _adapter_result(summary: dict, run_dir: Path, old_facts) -> dict:
     from memory_transformer.evaluate import fact_recall
-    from memory_transformer.model import load_model
+    from memory_transformer.io import load_model
 
     model = load_model(run_dir / "final")
     return {"trainable": summary["param_counts"]["trainable"], "recall_new": summary["recall_qa"],

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from memory_transformer.config import ConfigError
-from memory_transformer import model as models
-from memory_transformer.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MemoryModel, load_model, save_model
+from memory_transformer import lora
+from memory_transformer.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, save_model
+from memory_transformer.model import MemoryModel
 
 
 def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False, memory_only: bool = False,
@@ -16,7 +17,7 @@ def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False, me
         raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
     model = load_model(checkpoint)
     if merge_lora:
-        save_model(models.merge_lora(model), out)
+        save_model(lora.merge_lora(model), out)
     elif memory_only:
         export_memory_only(model, out)
     elif hf:
@@ -43,7 +44,7 @@ def export_hf(model: MemoryModel, out: Path) -> None:
         raise ConfigError("memory.enabled", "a model with memory layers cannot be exported as a plain transformers "
                           "model: transformers has no memory layers to load them into (use --memory-only, or "
                           "load it with memory_transformer.load_model)")
-    base = models.merge_lora(model).base if model.config.lora.enabled else model.base
+    base = lora.merge_lora(model).base if model.config.lora.enabled else model.base
     base.save_pretrained(out)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out)

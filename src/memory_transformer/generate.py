@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from memory_transformer.config import ConfigError
-from memory_transformer.model import MemoryModel, load_model
+from memory_transformer.io import load_model
+from memory_transformer.model import MemoryModel
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from memory_transformer.config import ConfigError
-from memory_transformer.model import MemoryModel, load_model
+from memory_transformer.io import load_model
+from memory_transformer.model import MemoryModel
 
 SCORE_ROUTINGS = ("forward", "context")
 log = logging.getLogger(__name__)

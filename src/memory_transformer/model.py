@@ -1,29 +1,21 @@
-"""Build a model from a config (fresh `transformers` decoder or a pretrained one, plus memory), save and load it.
-
-A saved model is a folder:
-  config.yaml                    the resolved experiment config
-  model.safetensors              every weight (from-scratch or unfrozen base), or, for a frozen pretrained base,
-  adapter_config.json +          only what was trained (memory, LoRA) and the name of the base:
-  adapter_model.safetensors      `load_model` loads the base from there and the adapter onto it
-  tokenizer files
-"""
+"""The model facade: a `transformers` causal LM with memory layers, built from a config (a fresh decoder or a
+pretrained one). Saving and loading: io.py; LoRA: lora.py."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memory_transformer.config import Config, ConfigError, load_config, resolve_layers, uses_subjects
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
+from memory_transformer.lora import add_lora
 from memory_transformer.memory.quant import BITS
 from memory_transformer.memory.strategies import GenerationRouting
 from memory_transformer.memory.subjects import SubjectIndex, SubjectTracker
@@ -68,6 +60,7 @@ class MemoryModel(nn.Module):
             self.memory = MemoryStack(config.memory, base.config, resolve_layers(config.memory.layers, n_layers))
             self.memory.to(dtype=next(base.parameters()).dtype)
             self.memory.install(base)
+        self.merged = False  # LoRA folded into the base weights (lora.merge_lora): save the base in full
         self.subjects: SubjectTracker | None = None  # subject routing (memory) and/or a subject-gated LoRA
         if uses_subjects(config):
             self.subjects = SubjectTracker(subject_index(config, tokenizer))
@@ -164,6 +157,8 @@ class MemoryModel(nn.Module):
         return {"parameters": params, "bytes": nbytes}
 
     def save_pretrained(self, directory: str | Path) -> None:
+        from memory_transformer.io import save_model
+
         save_model(self, directory)
 
 
@@ -237,7 +232,7 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     if freeze:
         base.requires_grad_(False)
     if cfg.lora.enabled:
-        _add_lora(model, cfg)
+        add_lora(model, cfg)
     if model.memory is not None and cfg.memory.quantization != "none":
         for bank in model.memory.banks:  # buffers of the right shapes; a checkpoint load fills them
             bank.quantize_(BITS[cfg.memory.quantization], cfg.memory.quant_group_size)
@@ -251,146 +246,27 @@ def subject_index(cfg: Config, tokenizer) -> SubjectIndex:
                         reset_at_eos=cfg.data.mode == "pretraining")
 
 
-def _lora_config(cfg: Config):
-    from peft import LoraConfig
-
-    lc = cfg.lora
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-                      task_type="CAUSAL_LM")
-
-
-def _add_lora(model: MemoryModel, cfg: Config) -> None:
-    """Wrap the base in a PEFT LoRA model. The memory hooks stay on the inner modules, which PEFT keeps."""
-    from peft import get_peft_model
-
-    try:
-        model.base = get_peft_model(model.base, _lora_config(cfg))
-    except ValueError as e:
-        raise ConfigError("lora.target_modules", f"{cfg.lora.target_modules}: {str(e).splitlines()[0]}") from None
-    if cfg.lora.gate == "subject":
-        _gate_lora(model)
-
-
-def _gate_lora(model: MemoryModel) -> None:
-    """LoRA's update B(A(x)) only at the positions that read a taught subject: each lora_B output (B, T', out) is
-    replaced by 0 outside the last T' positions' mask (T' < T when only the last logits are computed)."""
-    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
-
-    tracker = model.subjects
-    for name, module in model.base.named_modules():
-        if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
-            raise ConfigError("lora.target_modules", f"lora.gate subject gates Linear layers only, not "
-                              f"{name.split('.')[-1]} ({type(module).__name__})")
-        if isinstance(module, nn.Linear) and ".lora_B." in f".{name}.":
-            module.register_forward_hook(
-                lambda mod, args, out: torch.where(tracker.reads()[:, -out.shape[1]:], out, 0))
-
-
-def lora_params_per_rank(model: MemoryModel, targets: list[str]) -> int:
-    """Trainable parameters that one unit of LoRA rank adds on `targets`: sum of (in + out) over the Linear
-    layers whose name ends with a target."""
-    # a plain Linear, or PEFT's LoRA wrapper of one (which also has in/out_features)
-    return sum(m.in_features + m.out_features for name, m in model.base.named_modules()
-               if name.split(".")[-1] in targets and hasattr(m, "in_features"))
-
-
-def matching_lora_rank(model: MemoryModel) -> tuple[int, int]:
-    """(LoRA rank, its trainable parameters) closest to the memory's trainable parameters."""
-    p = model.parameter_report()["parameters"]
-    memory = sum(p[c] for c in ("memory_bank", "memory_attention", "memory_mlp", "router"))
-    per_rank = lora_params_per_rank(model, model.config.lora.target_modules)
-    r = max(1, round(memory / per_rank)) if per_rank else 0
-    return r, r * per_rank
-
-
-def merge_lora(model: MemoryModel) -> MemoryModel:
-    """Fold LoRA into the base weights (PEFT `merge_and_unload`); memory layers stay as they are."""
-    if not model.config.lora.enabled:
-        raise ConfigError("lora.enabled", "this model has no LoRA to merge")
-    if model.config.lora.gate != "none":
-        raise ConfigError("lora.gate", f"a LoRA gated by {model.config.lora.gate} changes only some positions; "
-                          "merged into the base weights it would change all of them: not merged")
-    model.base = model.base.merge_and_unload()
-    model.config.lora.enabled = False
-    model.merged = True  # its base weights differ from `model.pretrained`: always save them in full
-    return model
-
-
 def _tokenizer_name(cfg: Config) -> str:
     return cfg.model.pretrained if cfg.model.tokenizer == "bytes" and cfg.model.pretrained else cfg.model.tokenizer
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Saving and loading (safetensors only; nothing is unpickled)
-
-ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "model.safetensors"
-
-
-def _is_adapter(model: MemoryModel) -> bool:
-    if getattr(model, "merged", False):
-        return False
-    frozen = not any(p.requires_grad for n, p in model.named_parameters() if component_of(n) == "base")
-    return model.config.model.pretrained is not None and frozen
-
-
-def trained_state(model: MemoryModel) -> dict[str, torch.Tensor]:
-    """What an adapter save holds: every non-base weight (memory, LoRA)."""
-    return {k: v for k, v in model.state_dict().items() if component_of(k) != "base"}
-
-
-def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None = None) -> None:
-    """Adapter layout (only what was trained) for a frozen pretrained base, else every weight; `adapter`
-    forces one or the other."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save(out / "config.yaml")
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(out)
-    if _is_adapter(model) if adapter is None else adapter:
-        save_file({k: v.contiguous() for k, v in trained_state(model).items()}, out / ADAPTER_WEIGHTS)
-        base_cfg = model.base.config
-        info = {"base_model": model.config.model.pretrained, "model_type": base_cfg.model_type,
-                "hidden_size": base_cfg.hidden_size, "num_hidden_layers": base_cfg.num_hidden_layers}
-        (out / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2))
-    else:
-        from safetensors.torch import save_model as st_save_model
-
-        st_save_model(model, str(out / FULL_WEIGHTS))  # handles tied embeddings
-
-
-def load_model(directory: str | Path, device: str | torch.device | None = None, overrides: list[str] | None = None) -> MemoryModel:
-    """Restore a model saved with `save_pretrained`: same weights, same logits."""
-    src = Path(directory)
-    if not (src / "config.yaml").is_file():
-        raise ConfigError("", f"{src}: not a saved model (no config.yaml)")
-    model = build_model(load_config(src / "config.yaml", overrides), device=device)
-    load_weights(model, src)
-    if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():
-        model.tokenizer = load_tokenizer(str(src))
-        if model.subjects is not None:  # subjects as the saved tokenizer encodes them
-            model.subjects.index = subject_index(model.config, model.tokenizer)
+def quantize_model(model: MemoryModel, bits: int, group_size: int = 64) -> MemoryModel:
+    """Convert a trained model's memory banks to `bits`-bit storage in place (8 or 4) and record it in
+    `model.config.memory`, so that `save_pretrained` + `load_model` rebuild the same buffers and load them.
+    The result is for inference: the banks have no Parameters left to train."""
+    mem = model.config.memory
+    name = {8: "int8", 4: "int4"}.get(bits)
+    if name is None:
+        raise ConfigError("memory.quantization", f"bits must be 8 or 4, got {bits}")
+    if model.memory is None:
+        raise ConfigError("memory.enabled", "the model has no memory bank to quantize")
+    if mem.quantization != "none":
+        raise ConfigError("memory.quantization", f"the banks are already quantized ({mem.quantization})")
+    # Validate the new keys with the whole config (group size vs row width) before touching any weight.
+    load_config(model.config, [f"memory.quantization={name}", f"memory.quant_group_size={group_size}"])
+    for bank in model.memory.banks:
+        bank.quantize_(bits, group_size)
+    mem.quantization, mem.quant_group_size = name, group_size  # the MemoryStack shares this object
+    for block in model.memory.blocks.values():
+        block.attn.clear_cache()  # K/V of the float chapters
     return model
-
-
-def load_weights(model: MemoryModel, src: Path) -> None:
-    """Load the weights saved in `src` (full model or adapter) into an already built `model`."""
-    if (src / ADAPTER_WEIGHTS).is_file():
-        _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src)
-        weights = load_file(src / ADAPTER_WEIGHTS, device=str(model.device))
-        missing = set(trained_state(model)) - set(weights)
-        if missing:
-            raise ConfigError("", f"{src / ADAPTER_WEIGHTS}: missing weights {sorted(missing)[:3]}")
-        model.load_state_dict(weights, strict=False)
-    else:
-        from safetensors.torch import load_model as st_load_model
-
-        st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
-
-
-def _check_adapter_base(model: MemoryModel, info: dict, src: Path) -> None:
-    base_cfg = model.base.config
-    for key, actual in (("model_type", base_cfg.model_type), ("hidden_size", base_cfg.hidden_size),
-                        ("num_hidden_layers", base_cfg.num_hidden_layers)):
-        if info.get(key) != actual:
-            raise ConfigError("model.pretrained", f"adapter {src} was trained on a base with {key}={info.get(key)}, "
-                              f"but {model.config.model.pretrained!r} has {key}={actual}")

@@ -12,19 +12,15 @@ Scales are stored in fp16: an int4 value then costs 0.5 + 2 / group_size bytes (
 fp32), an int8 value 1 + 2 / width (1 + 4 / row with a learned key and value per row). Scales are rounded up
 to fp16, so no value is clipped and |x - dequantize(q)| <= s / 2 holds for the stored s. fp16 limits bank values to |x| < 7 * 65504 (int4).
 
-There is no quantization-aware training: a model is trained in float, then converted with `quantize_model`.
+There is no quantization-aware training: a model is trained in float, then converted with
+`model.quantize_model`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from memory_transformer.config import ConfigError, load_config
-
-if TYPE_CHECKING:
-    from memory_transformer.model import MemoryModel
+from memory_transformer.config import ConfigError
 
 SCALE_DTYPE = torch.float16
 BITS = {"int8": 8, "int4": 4}
@@ -109,25 +105,3 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, parts: int = 1) -> tup
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_int8(q, scale, dtype) if bits == 8 else dequantize_int4(q, scale, group_size, dtype)
-
-
-def quantize_model(model: MemoryModel, bits: int, group_size: int = 64) -> MemoryModel:
-    """Convert a trained model's memory banks to `bits`-bit storage in place (8 or 4) and record it in
-    `model.config.memory`, so that `save_pretrained` + `load_model` rebuild the same buffers and load them.
-    The result is for inference: the banks have no Parameters left to train."""
-    mem = model.config.memory
-    name = {8: "int8", 4: "int4"}.get(bits)
-    if name is None:
-        raise ConfigError("memory.quantization", f"bits must be 8 or 4, got {bits}")
-    if model.memory is None:
-        raise ConfigError("memory.enabled", "the model has no memory bank to quantize")
-    if mem.quantization != "none":
-        raise ConfigError("memory.quantization", f"the banks are already quantized ({mem.quantization})")
-    # Validate the new keys with the whole config (group size vs row width) before touching any weight.
-    load_config(model.config, [f"memory.quantization={name}", f"memory.quant_group_size={group_size}"])
-    for bank in model.memory.banks:
-        bank.quantize_(bits, group_size)
-    mem.quantization, mem.quant_group_size = name, group_size  # the MemoryStack shares this object
-    for block in model.memory.blocks.values():
-        block.attn.clear_cache()  # K/V of the float chapters
-    return model

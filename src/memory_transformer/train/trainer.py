@@ -26,7 +26,8 @@ from memory_transformer.config import Config, ConfigError, load_config
 from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
-from memory_transformer.model import build_model, load_weights, save_model
+from memory_transformer.io import load_weights, save_model
+from memory_transformer.model import build_model
 from memory_transformer.train import checkpoint as ckpt
 from memory_transformer.train.optim import make_optimizer, make_scheduler
 
