@@ -45,7 +45,6 @@ ERRORS = [
     ({"memory": {"bank": "factorized"}}, "memory.bank_rank: required (a positive integer) when memory.bank is factorized"),
     ({"memory": {"bank": "reduced_dim"}}, "memory.bank_rank: required (a positive integer) when memory.bank is reduced_dim"),
     ({"memory": {"sharing": "some"}}, "memory.sharing: got 'some'; allowed: shared, per_layer, every:K"),
-    ({"training": {}}, "training.max_steps: set training.max_steps or training.num_epochs"),
     ({"model": {"hidden_size": 30}}, "model.num_heads: must divide model.hidden_size (30), got 4"),
     ({"memory": {"routing": "chapter"}}, "memory.routing: got 'chapter'; allowed: sequence | token | subject"),
     ({"data": {"num_people": 5000}}, "data.num_people: the synthetic corpus has 1 to 4800 people, got 5000"),
@@ -102,7 +101,7 @@ def test_cli_missing_config_file(tmp_path):
 def test_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  lr: 3e-4\n  max_steps: 1\n")
-    cfg = load_config(str(path), ["training.weight_decay=1E-2", "memory.init_std=-2e-3"])
-    assert (cfg.training.lr, cfg.training.weight_decay, cfg.memory.init_std) == (3e-4, 1e-2, -2e-3)
+    cfg = load_config(str(path), ["training.weight_decay=1E-2", "memory.init_std=+2e-3"])
+    assert (cfg.training.lr, cfg.training.weight_decay, cfg.memory.init_std) == (3e-4, 1e-2, 2e-3)
     with pytest.raises(ConfigError, match=r"training.max_steps: got '1e3'; allowed: an integer"):
         load_config(str(path), ["training.max_steps=1e3"])

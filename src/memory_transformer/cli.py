@@ -20,7 +20,7 @@ def cmd_info(args) -> int:
     from memory_transformer.model import build_model
 
     if args.checkpoint:
-        model = load_model(args.checkpoint, overrides=args.set)
+        model = load_model(args.checkpoint, overrides=args.set, allow_base_mismatch=args.allow_base_mismatch)
     else:
         model = build_model(_config(args), device="meta")
     report = model.parameter_report()
@@ -52,7 +52,8 @@ def cmd_export(args) -> int:
     weights alone, adapter layout), or --hf (a plain transformers folder; models without memory only)."""
     from memory_transformer.export import export
 
-    export(args.checkpoint, args.out, merge_lora=args.merge_lora, memory_only=args.memory_only, hf=args.hf)
+    export(args.checkpoint, args.out, merge_lora=args.merge_lora, memory_only=args.memory_only, hf=args.hf,
+           allow_base_mismatch=args.allow_base_mismatch)
     print(f"exported to {args.out}")
     return 0
 
@@ -86,7 +87,8 @@ def cmd_eval(args) -> int:
     from memory_transformer.io import load_model
     from memory_transformer.train.trainer import make_accelerator
 
-    model = load_model(args.checkpoint, overrides=None if args.config else args.set)
+    model = load_model(args.checkpoint, overrides=None if args.config else args.set,
+                       allow_base_mismatch=args.allow_base_mismatch)
     cfg = load_config(args.config, args.set) if args.config else model.config
     acc = make_accelerator()
     model.to(acc.device)
@@ -100,6 +102,10 @@ def cmd_lr_find(args) -> int:
     """LR range test: prints the suggested learning rate and saves lr_find.png."""
     from memory_transformer.train.lr_find import lr_find
 
+    if not 0 < args.start < args.end:
+        raise ConfigError("--start", f"needs 0 < --start < --end, got --start {args.start} --end {args.end}")
+    if args.steps < 2:
+        raise ConfigError("--steps", f"must be at least 2 (a range of learning rates), got {args.steps}")
     cfg = _config(args)
     out = args.out or f"{cfg.training.output_dir.rstrip('/')}_lr_find"
     result = lr_find(cfg, out, args.start, args.end, args.steps)
@@ -115,7 +121,8 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
-    model = quantize_model(load_model(args.checkpoint, overrides=args.set), args.bits, args.group_size)
+    model = load_model(args.checkpoint, overrides=args.set, allow_base_mismatch=args.allow_base_mismatch)
+    model = quantize_model(model, args.bits, args.group_size)
     model.save_pretrained(out)
     bank = model.parameter_report()["bytes"]["memory_bank"]
     print(f"saved int{args.bits} model to {out} (memory bank {bank:,} bytes)")
@@ -162,8 +169,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _checkpoint_args(sp, required: bool = True, help: str = "a saved model folder") -> None:
+    sp.add_argument("--checkpoint", required=required, help=help)
+    sp.add_argument("--allow-base-mismatch", action="store_true",
+                    help="load an adapter onto a base other than the one it was trained on")
+
+
 def _info_args(sp) -> None:
-    sp.add_argument("--checkpoint", help="a saved model folder instead of --config")
+    _checkpoint_args(sp, required=False, help="a saved model folder instead of --config")
     sp.add_argument("--json", action="store_true", help="print one JSON object {parameters, bytes}")
 
 
@@ -173,7 +186,7 @@ def _train_args(sp) -> None:
 
 
 def _eval_args(sp) -> None:
-    sp.add_argument("--checkpoint", required=True, help="a saved model folder (final/, best/, a checkpoint)")
+    _checkpoint_args(sp, help="a saved model folder (final/, best/, a checkpoint)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.add_argument("--lm-eval-tasks", metavar="T1,T2", help="run these lm-evaluation-harness tasks instead")
     sp.add_argument("--lm-eval-include", metavar="PATH", help="a folder of extra lm-eval task YAML files")
@@ -189,14 +202,14 @@ def _lr_find_args(sp) -> None:
 
 
 def _quantize_args(sp) -> None:
-    sp.add_argument("--checkpoint", required=True)
+    _checkpoint_args(sp)
     sp.add_argument("--bits", type=int, choices=[8, 4], required=True)
     sp.add_argument("--group-size", type=int, default=64, help="int4 values per scale")
     sp.add_argument("--out", required=True)
 
 
 def _generate_args(sp) -> None:
-    sp.add_argument("--checkpoint", required=True)
+    _checkpoint_args(sp)
     sp.add_argument("--prompt", action="append", default=[], help="repeatable")
     sp.add_argument("--prompt-file", help="one prompt per line")
     sp.add_argument("--max-new-tokens", type=int)
@@ -209,7 +222,7 @@ def _generate_args(sp) -> None:
 
 
 def _export_args(sp) -> None:
-    sp.add_argument("--checkpoint", required=True)
+    _checkpoint_args(sp)
     sp.add_argument("--out", required=True)
     kind = sp.add_mutually_exclusive_group(required=True)
     kind.add_argument("--merge-lora", action="store_true")
@@ -237,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that is a file, a read-only disk, a full disk: the user's to fix, in one line
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
 
 

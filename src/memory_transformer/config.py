@@ -38,7 +38,9 @@ class ModelConfig:
     num_kv_heads: int | None = None  # default: num_heads
     intermediate_size: int | None = None  # default: 4 * hidden_size
     max_seq_len: int = 256
-    tokenizer: str = "bytes"  # built-in byte-level tokenizer, or a transformers tokenizer path/name
+    # bytes (the built-in byte-level tokenizer) or a transformers tokenizer path/name; null = the base's own
+    # (model.pretrained), or bytes without a base
+    tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     tie_embeddings: bool = False
@@ -329,9 +331,9 @@ _SHARING_SPEC = re.compile(r"^(shared|per_layer|every:\d+)$")
 
 
 def validate(cfg: Config) -> None:
+    """Everything a model or an evaluation needs. `check_training` adds what only training needs."""
     m, mem, t = cfg.model, cfg.memory, cfg.training
-    for key in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
-        _positive(f"model.{key}", getattr(m, key))
+    _check_ranges(cfg)
     if m.pretrained is None and m.hidden_size % m.num_heads:
         raise ConfigError("model.num_heads", f"must divide model.hidden_size ({m.hidden_size}), got {m.num_heads}")
     kv = m.num_kv_heads or m.num_heads
@@ -339,23 +341,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.num_kv_heads", f"must divide model.num_heads ({m.num_heads}), got {kv}")
     if mem.enabled:
         _check_memory(mem, m)
-    if cfg.lora.enabled:
-        _positive("lora.r", cfg.lora.r)
-        if not cfg.lora.target_modules:
-            raise ConfigError("lora.target_modules", "must name at least one module (e.g. q_proj, v_proj)")
-    _positive("training.batch_size", t.batch_size)
-    _positive("training.grad_accum_steps", t.grad_accum_steps)
-    if t.max_steps is not None:
-        _positive("training.max_steps", t.max_steps)
-    if t.max_steps is None and t.num_epochs is None:
-        raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules", "must name at least one module (e.g. q_proj, v_proj)")
     from memory_transformer.data.synthetic_facts import MAX_PEOPLE
 
     if cfg.data.source == "synthetic_facts" and not 1 <= cfg.data.num_people <= MAX_PEOPLE:
         raise ConfigError("data.num_people", f"the synthetic corpus has 1 to {MAX_PEOPLE} people, got "
                           f"{cfg.data.num_people}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.replay_people is not None and cfg.data.source != "synthetic_facts":
         raise ConfigError("data.replay_people", f"needs data.source synthetic_facts (the people are its own), got "
                           f"{cfg.data.source}; to replay without old documents use data.replay_generated")
@@ -364,14 +356,11 @@ def validate(cfg: Config) -> None:
         if p is not None and (len(p) != 2 or not 0 <= p[0] < p[1] <= cfg.data.num_people):
             raise ConfigError(f"data.{key}", f"must be [start, stop] with 0 <= start < stop <= data.num_people "
                               f"({cfg.data.num_people}), got {p}")
-    if not 0.0 < cfg.data.replay_fraction < 1.0:
-        raise ConfigError("data.replay_fraction", f"must be in (0, 1), got {cfg.data.replay_fraction}")
     _check_replay(cfg)
-    if cfg.data.mode == "instruction_finetuning" and m.tokenizer == "bytes":
+    if cfg.data.mode == "instruction_finetuning" and (m.tokenizer == "bytes" or (m.tokenizer, m.pretrained) == (None, None)):
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"
         )
-    _check_inference(cfg.inference)
     for tracker in t.log_with:
         if tracker not in ("tensorboard", "wandb", "trackio", "none"):
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
@@ -392,11 +381,8 @@ def _check_replay(cfg: Config) -> None:
                               "needs model.pretrained with a frozen base (model.freeze_base not false)")
         if d.mode != "pretraining":
             raise ConfigError("data.replay_loss", f"distill supports data.mode pretraining only, got {d.mode}")
-    if not d.replay_temperature > 0:
-        raise ConfigError("data.replay_temperature", f"must be > 0, got {d.replay_temperature}")
     if d.replay_generated is None:
         return
-    _positive("data.replay_generated", d.replay_generated)
     if d.replay_people is not None:
         raise ConfigError("data.replay_generated", "replays samples of the model; data.replay_people replays "
                           "known documents: set one of them, not both")
@@ -407,15 +393,62 @@ def _check_replay(cfg: Config) -> None:
         raise ConfigError("data.replay_generated", f"supports data.mode pretraining only, got {d.mode}")
 
 
-def _positive(key: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(key, f"must be a positive integer, got {value}")
+def check_training(cfg: Config) -> None:
+    """What training needs beyond `validate`: a length, and something to train."""
+    t, m = cfg.training, cfg.model
+    if t.max_steps is None and t.num_epochs is None:
+        raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
+    frozen = m.freeze_base if m.freeze_base is not None else m.pretrained is not None
+    if frozen and not cfg.memory.enabled and not cfg.lora.enabled:
+        raise ConfigError("model.freeze_base", "the base is frozen and there is neither memory (memory.enabled) "
+                          "nor LoRA (lora.enabled): nothing to train")
+
+
+# Numeric ranges: (test, what it must be). A null value passes (it means a default, or "off").
+_AT_LEAST_1 = (lambda v: v >= 1, "must be a positive integer")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_OPEN_FRACTION = (lambda v: 0 < v < 1, "must be in (0, 1)")
+_SHARE = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_RANGES = {
+    "model": dict(hidden_size=_AT_LEAST_1, num_layers=_AT_LEAST_1, num_heads=_AT_LEAST_1, num_kv_heads=_AT_LEAST_1,
+                  intermediate_size=_AT_LEAST_1, max_seq_len=_AT_LEAST_1),
+    "memory": dict(num_tokens=_AT_LEAST_1, num_chapters=_AT_LEAST_1, num_heads=_AT_LEAST_1, bank_rank=_AT_LEAST_1,
+                   qkv_rank=_AT_LEAST_1, slot_top_k=(lambda v: v >= 1, "must be null or at least 1"),
+                   key_init_std=_POSITIVE, init_std=_POSITIVE, dropout=_FRACTION, quant_group_size=_AT_LEAST_1),
+    "memory.router_loss": dict(load_balance=_NON_NEGATIVE, importance=_NON_NEGATIVE, z_loss=_NON_NEGATIVE),
+    "lora": dict(r=_AT_LEAST_1, alpha=_POSITIVE, dropout=_FRACTION),
+    "data": dict(num_people=_AT_LEAST_1, replay_fraction=_OPEN_FRACTION, replay_generated=_AT_LEAST_1,
+                 replay_temperature=_POSITIVE, eval_fraction=_FRACTION, qa_fraction=_SHARE,
+                 samples_per_epoch=_AT_LEAST_1, max_samples=_AT_LEAST_1),
+    "training": dict(max_steps=_AT_LEAST_1, num_epochs=_POSITIVE, batch_size=_AT_LEAST_1,
+                     grad_accum_steps=_AT_LEAST_1, lr=_POSITIVE, weight_decay=_NON_NEGATIVE,
+                     warmup_steps=_NON_NEGATIVE, grad_clip=_POSITIVE, logging_steps=_AT_LEAST_1,
+                     eval_steps=_AT_LEAST_1, save_steps=_AT_LEAST_1, save_total_limit=_AT_LEAST_1,
+                     early_stopping_patience=_AT_LEAST_1, early_stopping_threshold=_NON_NEGATIVE,
+                     max_bad_steps=_AT_LEAST_1),
+    "inference": dict(rolling_window=_AT_LEAST_1, max_new_tokens=_AT_LEAST_1, top_k=_AT_LEAST_1,
+                      temperature=(lambda v: v > 0, "must be > 0 (use inference.greedy for argmax)"),
+                      top_p=(lambda v: 0 < v <= 1, "must be in (0, 1]")),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for section, keys in _RANGES.items():
+        node = cfg
+        for part in section.split("."):
+            node = getattr(node, part)
+        for key, (ok, must) in keys.items():
+            value = getattr(node, key)
+            # a per-component map (training.lr, training.weight_decay): every value set in it
+            values = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else {"": value}
+            for sub, v in values.items():
+                if v is not None and not ok(v):
+                    raise ConfigError(f"{section}.{key}{'.' + sub if sub else ''}", f"{must}, got {v}")
 
 
 def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
-    _positive("memory.num_tokens", mem.num_tokens)
-    _positive("memory.num_chapters", mem.num_chapters)
-    _positive("memory.num_heads", mem.num_heads)
     if mem.num_tokens % mem.num_chapters:
         raise ConfigError(
             "memory.num_chapters",
@@ -423,8 +456,6 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         )
     if not 1 <= mem.top_k <= mem.num_chapters:
         raise ConfigError("memory.top_k", f"must be between 1 and memory.num_chapters ({mem.num_chapters}), got {mem.top_k}")
-    if mem.slot_top_k is not None and mem.slot_top_k < 1:
-        raise ConfigError("memory.slot_top_k", f"must be null or at least 1, got {mem.slot_top_k}")
     if mem.bank in ("factorized", "reduced_dim") and not mem.bank_rank:
         raise ConfigError("memory.bank_rank", f"required (a positive integer) when memory.bank is {mem.bank}")
     if isinstance(mem.layers, str) and not _LAYER_SPEC.match(mem.layers):
@@ -439,13 +470,10 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
     if mem.wo_init == "identity" and mem.bank == "reduced_dim":
         raise ConfigError("memory.wo_init", "identity (the default) needs the memory width to equal the model "
                           "width; set memory.wo_init to zero or normal with bank reduced_dim")
-    if not 0.0 <= mem.dropout < 1.0:
-        raise ConfigError("memory.dropout", f"must be in [0, 1), got {mem.dropout}")
     _check_quantization(mem, m)
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
-    _positive("memory.quant_group_size", mem.quant_group_size)
     # A row is what gets quantized: (S, d) chapters ((S, 2d) with learned K/V: groups must not straddle the
     # key/value border, so they divide d), or the (S, r) chapters / A factors of the other kinds.
     row = mem.bank_rank if mem.bank != "standard" else m.hidden_size
@@ -500,17 +528,6 @@ def _resolve_subjects(cfg: Config) -> None:
         if subject in seen:
             raise ConfigError("memory.subjects", f"{subject!r} is listed twice (each subject owns one chapter)")
         seen.add(subject)
-
-
-def _check_inference(inf: InferenceConfig) -> None:
-    _positive("inference.rolling_window", inf.rolling_window)
-    _positive("inference.max_new_tokens", inf.max_new_tokens)
-    if inf.top_k is not None:
-        _positive("inference.top_k", inf.top_k)
-    if inf.temperature <= 0.0:
-        raise ConfigError("inference.temperature", f"must be > 0 (use inference.greedy for argmax), got {inf.temperature}")
-    if not 0.0 < inf.top_p <= 1.0:
-        raise ConfigError("inference.top_p", f"must be in (0, 1], got {inf.top_p}")
 
 
 def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:

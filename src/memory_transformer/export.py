@@ -11,11 +11,11 @@ from memory_transformer.model import MemoryModel
 
 
 def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False, memory_only: bool = False,
-           hf: bool = False) -> Path:
+           hf: bool = False, allow_base_mismatch: bool = False) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, allow_base_mismatch=allow_base_mismatch)
     if merge_lora:
         save_model(lora.merge_lora(model), out)
     elif memory_only:

@@ -21,6 +21,8 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
         out += [line for line in path.read_text().splitlines() if line.strip()]
     if not out:
         raise ConfigError("--prompt", "give at least one prompt (--prompt TEXT or --prompt-file FILE)")
+    if any(not p for p in out):
+        raise ConfigError("--prompt", "a prompt is empty: give some text to continue")
     return out
 
 
@@ -76,7 +78,8 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
 
 def generate_cli(args) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
-    model = load_model(args.checkpoint, overrides=[*args.set, *generation_overrides(args)])
+    model = load_model(args.checkpoint, overrides=[*args.set, *generation_overrides(args)],
+                       allow_base_mismatch=args.allow_base_mismatch)
     if len(prompts) == 1:
         from transformers import TextStreamer
 

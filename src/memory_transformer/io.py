@@ -10,6 +10,8 @@ A saved model is a folder:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -47,7 +49,8 @@ def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None =
         save_file({k: v.contiguous() for k, v in trained_state(model).items()}, out / ADAPTER_WEIGHTS)
         base_cfg = model.base.config
         info = {"base_model": model.config.model.pretrained, "model_type": base_cfg.model_type,
-                "hidden_size": base_cfg.hidden_size, "num_hidden_layers": base_cfg.num_hidden_layers}
+                "hidden_size": base_cfg.hidden_size, "num_hidden_layers": base_cfg.num_hidden_layers,
+                "base_fingerprint": base_fingerprint(model)}
         (out / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2))
     else:
         from safetensors.torch import save_model as st_save_model
@@ -55,13 +58,21 @@ def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None =
         st_save_model(model, str(out / FULL_WEIGHTS))  # handles tied embeddings
 
 
-def load_model(directory: str | Path, device: str | torch.device | None = None, overrides: list[str] | None = None) -> MemoryModel:
-    """Restore a model saved with `save_pretrained`: same weights, same logits."""
+# What `--set` may change on a saved model: how it is run and evaluated, and where its base lives (checked by
+# the base fingerprint). Everything else defines what the trained weights mean.
+LOAD_TIME_KEYS = ("inference.", "data.", "training.", "model.pretrained", "model.dtype", "model.attn_implementation")
+
+
+def load_model(directory: str | Path, device: str | torch.device | None = None, overrides: list[str] | None = None,
+               allow_base_mismatch: bool = False) -> MemoryModel:
+    """Restore a model saved with `save_pretrained`: same weights, same logits. `overrides` may change only
+    `LOAD_TIME_KEYS`; an adapter refuses a base other than the one it was trained on unless `allow_base_mismatch`."""
     src = Path(directory)
     if not (src / "config.yaml").is_file():
         raise ConfigError("", f"{src}: not a saved model (no config.yaml)")
+    _check_load_overrides(overrides or [], src)
     model = build_model(load_config(src / "config.yaml", overrides), device=device)
-    load_weights(model, src)
+    load_weights(model, src, allow_base_mismatch)
     if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():
         model.tokenizer = load_tokenizer(str(src))
         if model.subjects is not None:  # subjects as the saved tokenizer encodes them
@@ -69,25 +80,72 @@ def load_model(directory: str | Path, device: str | torch.device | None = None, 
     return model
 
 
-def load_weights(model: MemoryModel, src: Path) -> None:
+def _check_load_overrides(overrides: list[str], src: Path) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in LOAD_TIME_KEYS):
+            raise ConfigError(key, f"fixed by the saved model {src} (it defines what the trained weights mean); "
+                              "--set on a saved model takes inference.*, data.*, training.*, model.pretrained, "
+                              "model.dtype, model.attn_implementation")
+
+
+def load_weights(model: MemoryModel, src: Path, allow_base_mismatch: bool = False) -> None:
     """Load the weights saved in `src` (full model or adapter) into an already built `model`."""
     if (src / ADAPTER_WEIGHTS).is_file():
-        _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src)
-        weights = load_file(src / ADAPTER_WEIGHTS, device=str(model.device))
+        _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src, allow_base_mismatch)
+        with _readable(src / ADAPTER_WEIGHTS):
+            weights = load_file(src / ADAPTER_WEIGHTS, device=str(model.device))
         missing = set(trained_state(model)) - set(weights)
         if missing:
             raise ConfigError("", f"{src / ADAPTER_WEIGHTS}: missing weights {sorted(missing)[:3]}")
         model.load_state_dict(weights, strict=False)
-    else:
+    elif (src / FULL_WEIGHTS).is_file():
         from safetensors.torch import load_model as st_load_model
 
-        st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
+        with _readable(src / FULL_WEIGHTS):
+            st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
+    else:
+        raise ConfigError("", f"{src}: no weights ({FULL_WEIGHTS} or {ADAPTER_WEIGHTS}); the folder is incomplete")
 
 
-def _check_adapter_base(model: MemoryModel, info: dict, src: Path) -> None:
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Within: reading `path` with safetensors; a damaged file is a ConfigError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ConfigError("", f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); the file is "
+                          "damaged or truncated") from None
+
+
+def base_fingerprint(model: MemoryModel) -> str:
+    """A hash of the base model: its shape and a strided sample of every base weight (rounded to bfloat16, so the
+    same base loaded in another dtype matches). Two bases of the same shape trained apart differ in it."""
+    h = hashlib.sha256()
     base_cfg = model.base.config
+    h.update(json.dumps([base_cfg.model_type, base_cfg.vocab_size, base_cfg.hidden_size,
+                         base_cfg.num_hidden_layers]).encode())
+    for name, p in model.named_parameters():
+        if component_of(name) == "base":
+            flat = p.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 256)][:256]
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.to("cpu", torch.bfloat16).float().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _check_adapter_base(model: MemoryModel, info: dict, src: Path, allow_mismatch: bool) -> None:
+    base_cfg = model.base.config
+    pretrained = model.config.model.pretrained
     for key, actual in (("model_type", base_cfg.model_type), ("hidden_size", base_cfg.hidden_size),
                         ("num_hidden_layers", base_cfg.num_hidden_layers)):
         if info.get(key) != actual:
             raise ConfigError("model.pretrained", f"adapter {src} was trained on a base with {key}={info.get(key)}, "
-                              f"but {model.config.model.pretrained!r} has {key}={actual}")
+                              f"but {pretrained!r} has {key}={actual}")
+    saved = info.get("base_fingerprint")  # absent in adapters saved before it was recorded
+    if saved is not None and not allow_mismatch and saved != base_fingerprint(model):
+        raise ConfigError("model.pretrained", f"adapter {src} was trained on another base than {pretrained!r} (same "
+                          f"shape, other weights; trained on {info.get('base_model')!r}); to load it anyway pass "
+                          "--allow-base-mismatch")

@@ -253,7 +253,8 @@ def eval_cli(args) -> int:
     """`memory-transformer eval --checkpoint DIR --lm-eval-tasks T1,T2`: lm-eval's results table, or JSON."""
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     manager = task_manager(tasks, args.lm_eval_include)
-    lm = MemoryTransformerLM(load_model(args.checkpoint, overrides=args.set), batch_size=args.batch_size)
+    model = load_model(args.checkpoint, overrides=args.set, allow_base_mismatch=args.allow_base_mismatch)
+    lm = MemoryTransformerLM(model, batch_size=args.batch_size)
     lm.name = args.checkpoint
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
                                       batch_size=lm.batch_size)

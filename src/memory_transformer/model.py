@@ -217,9 +217,12 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     if for_training and cfg.memory.enabled and cfg.memory.quantization != "none":
         raise ConfigError("memory.quantization", "quantized banks are for inference: train with "
                           "memory.quantization=none, then `memory-transformer quantize`")
-    tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.pretrained is None else _tokenizer_name(cfg))
+    tokenizer = load_tokenizer(*_tokenizer_source(cfg))
     torch.manual_seed(cfg.training.seed if seed is None else seed)
     base = _load_base(cfg, tokenizer, device)
+    if len(tokenizer) > base.config.vocab_size:
+        raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer or cfg.model.pretrained} has {len(tokenizer)} "
+                          f"tokens, more than the base model's vocabulary ({base.config.vocab_size})")
     if cfg.model.pretrained is not None and cfg.memory.enabled:
         resolve_layers(cfg.memory.layers, base.config.num_hidden_layers)  # clear error if out of range
     if device is not None and str(device) == "meta":
@@ -246,8 +249,12 @@ def subject_index(cfg: Config, tokenizer) -> SubjectIndex:
                         reset_at_eos=cfg.data.mode == "pretraining")
 
 
-def _tokenizer_name(cfg: Config) -> str:
-    return cfg.model.pretrained if cfg.model.tokenizer == "bytes" and cfg.model.pretrained else cfg.model.tokenizer
+def _tokenizer_source(cfg: Config) -> tuple[str, str]:
+    """(tokenizer name, the config key that chose it): an explicit model.tokenizer wins over the base's own."""
+    m = cfg.model
+    if m.tokenizer is not None:
+        return m.tokenizer, "model.tokenizer"
+    return (m.pretrained, "model.pretrained") if m.pretrained is not None else ("bytes", "model.tokenizer")
 
 
 def quantize_model(model: MemoryModel, bits: int, group_size: int = 64) -> MemoryModel:

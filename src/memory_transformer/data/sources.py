@@ -13,6 +13,7 @@ Every problem a user can fix (missing file, wrong field, empty data, unknown for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,12 +61,44 @@ def read_file(path: str) -> list[dict]:
 
     reader = getattr(datasets.Dataset, FILE_READERS[p.suffix])
     try:
-        ds = reader(str(p), keep_in_memory=True)
+        with _quiet_datasets():  # its own log line and bar would precede our one-line error
+            ds = reader(str(p), keep_in_memory=True)
     except Exception as e:  # an empty file has no schema: datasets raises instead of returning 0 rows
         if p.stat().st_size == 0:
             return []
-        raise ConfigError("data.path", f"{path}: cannot read as {p.suffix} ({str(e).splitlines()[0]})") from None
+        reason = _bad_json_line(p) if p.suffix == ".jsonl" else None
+        raise ConfigError("data.path", reason or f"{path}: cannot read as {p.suffix} ({str(e).splitlines()[0]})") from None
     return ds.to_list()
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    from datasets.utils import logging as ds_logging, tqdm as ds_tqdm
+
+    level, bars = ds_logging.get_verbosity(), not ds_tqdm.are_progress_bars_disabled()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    ds_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            ds_tqdm.enable_progress_bars()
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """`<path> line N: <why>` for the first line of a JSONL file that is not one JSON object, else None."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(record, dict):
+                return f"{path} line {n}: expected a JSON object, got {type(record).__name__}"
+    return None
 
 
 def select_field(records: list[dict], name: str, key: str, where: str) -> list[Any]:

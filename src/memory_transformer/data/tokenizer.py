@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from memory_transformer.config import ConfigError
+
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
@@ -42,13 +44,25 @@ class ByteTokenizer:
         (Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": "bytes", "vocab_size": len(self)}))
 
 
-def load_tokenizer(name: str):
-    """`bytes` -> ByteTokenizer; a folder holding a saved ByteTokenizer -> ByteTokenizer; else AutoTokenizer."""
+# A folder needs one of these to hold a tokenizer (tokenizer_config.json alone names a class, not a vocabulary).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def load_tokenizer(name: str, key: str = "model.tokenizer"):
+    """`bytes` -> ByteTokenizer; a folder holding a saved ByteTokenizer -> ByteTokenizer; else AutoTokenizer.
+    A local folder without tokenizer files is a ConfigError on `key` (AutoTokenizer would build an empty one)."""
     if name == "bytes" or (Path(name) / BYTE_TOKENIZER_FILE).is_file():
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in VOCABULARY_FILES):
+        raise ConfigError(key, f"{name} has no tokenizer files ({', '.join(VOCABULARY_FILES)}); set "
+                          "model.tokenizer to a tokenizer folder or name, or to bytes")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

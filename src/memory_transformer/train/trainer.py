@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from memory_transformer.config import Config, ConfigError, load_config
+from memory_transformer.config import Config, ConfigError, check_training, load_config
 from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
@@ -67,6 +67,7 @@ class Trainer:
         """`run_dir=False` (the LR finder) trains without a run folder: no config, metrics or checkpoints."""
         from accelerate import DistributedDataParallelKwargs
 
+        check_training(cfg)
         self.cfg, self.t = cfg, cfg.training
         self.run_dir = Path(self.t.output_dir)
         self.progress = progress
