@@ -73,17 +73,18 @@ def read_file(path: str) -> list[dict]:
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    from datasets.utils import logging as ds_logging, tqdm as ds_tqdm
+    import datasets
+    from datasets.utils import logging as ds_logging
 
-    level, bars = ds_logging.get_verbosity(), not ds_tqdm.are_progress_bars_disabled()
+    level, bars = ds_logging.get_verbosity(), not datasets.are_progress_bars_disabled()
     ds_logging.set_verbosity(ds_logging.CRITICAL)
-    ds_tqdm.disable_progress_bars()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         ds_logging.set_verbosity(level)
         if bars:
-            ds_tqdm.enable_progress_bars()
+            datasets.enable_progress_bars()
 
 
 def _bad_json_line(path: Path) -> str | None:
