@@ -266,3 +266,25 @@ def test_resume_with_a_config_that_builds_another_model_is_refused(tmp_path):
                             f"(memory.slot_top_k: 8 -> 4); resume with --config {tmp_path / 'run' / 'config.yaml'}")
     resumed = Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)  # more steps: fine
     assert resumed.state.step == 2
+
+
+def _flip_byte(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_a_one_line_error_naming_the_file(tmp_path):
+    train(tiny(tmp_path, "training.max_steps=2", "training.save_steps=2"), progress=False)
+    run = tmp_path / "run"
+    step2 = run / "checkpoints" / "step-000002"
+    _flip_byte(step2 / "optimizer.safetensors")
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)
+    assert str(e.value) == (f"{step2 / 'optimizer.safetensors'}: checksum mismatch (sha256 differs from "
+                            f"{step2 / 'COMPLETE'}); the file is corrupt")
+    _flip_byte(run / "final" / "model.safetensors")
+    r = subprocess.run([sys.executable, "-m", "memory_transformer", "eval", "--checkpoint", str(run / "final")],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (2, f"error: {run / 'final' / 'model.safetensors'}: checksum mismatch "
+                                           f"(sha256 differs from {run / 'final' / 'COMPLETE'}); the file is corrupt\n")

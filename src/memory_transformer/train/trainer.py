@@ -346,6 +346,7 @@ class Trainer:
         (d / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
 
     def _restore(self, d: Path) -> None:
+        ckpt.verify_folder(d)
         load_weights(self.unwrapped, d)
         self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=str(self.acc.device)))
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
