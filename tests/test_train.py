@@ -288,3 +288,75 @@ def test_a_flipped_byte_is_a_one_line_error_naming_the_file(tmp_path):
                        capture_output=True, text=True)
     assert (r.returncode, r.stderr) == (2, f"error: {run / 'final' / 'model.safetensors'}: checksum mismatch "
                                            f"(sha256 differs from {run / 'final' / 'COMPLETE'}); the file is corrupt\n")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_starts_again_with_resume(tmp_path, monkeypatch, capsys):
+    cfg = tiny(tmp_path, "training.max_steps=3", "training.save_steps=3")
+    crashing = Trainer(cfg, progress=False)
+    real_step = crashing._step
+
+    def step():
+        if crashing.state.step == 1:
+            raise RuntimeError("killed")
+        return real_step()
+
+    monkeypatch.setattr(crashing, "_step", step)
+    with pytest.raises(RuntimeError, match="killed"):
+        crashing.train()
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, progress=False)
+    assert str(e.value) == (f"training.output_dir: {run} already holds a run; it stopped before its first "
+                            "checkpoint: start it again from step 0 with --resume, or choose another output_dir "
+                            "(nothing was overwritten)")
+    capsys.readouterr()
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert capsys.readouterr().err == (f"{run} has no checkpoint yet (the run stopped before its first save): "
+                                       "starting again from step 0\n")
+    assert resumed.state.step == 0 and not (run / "metrics.jsonl").exists()
+    resumed.train()
+    assert [r["step"] for r in _rows(run) if not r.get("eval")] == [1, 2, 3]
+
+
+def test_resume_refuses_a_finished_run_without_checkpoints(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=2")  # save_steps null: only final/
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)
+    run = tmp_path / "run"
+    assert str(e.value) == (f"--resume: no complete checkpoint in {run / 'checkpoints'}; {run / 'final'} holds a "
+                            "saved model (nothing was overwritten)")
+
+
+def test_resume_another_runs_checkpoint_into_a_new_run_folder(tmp_path):
+    train(tiny(tmp_path, "training.max_steps=2", "training.save_steps=2"), progress=False)
+    source = tmp_path / "run" / "checkpoints" / "step-000002"
+    new = tmp_path / "new"
+    cfg = load_config(TINY, [f"training.output_dir={new}", "training.max_steps=3"])
+    summary = Trainer(cfg, resume=str(source), progress=False).train()
+    assert summary["steps"] == 3
+    assert load_config(new / "config.yaml") == cfg
+    assert [(r["step"], bool(r.get("eval"))) for r in _rows(new)] == [(3, False), (3, True)]
+    assert (new / "final" / "COMPLETE").is_file()
+    with pytest.raises(ConfigError) as e:  # a saved model is no training checkpoint
+        Trainer(load_config(TINY, [f"training.output_dir={tmp_path / 'other'}"]), resume=str(tmp_path / "run" / "final"),
+                progress=False)
+    assert str(e.value) == (f"--resume: {tmp_path / 'run' / 'final'} is a saved model, not a training checkpoint "
+                            "(no trainer_state.json); resume from a checkpoints/step-NNNNNN folder")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as e:
+        Trainer(load_config(TINY, [f"training.output_dir={tmp_path / 'junk'}"]), resume=str(source), progress=False)
+    assert str(e.value) == (f"training.output_dir: {tmp_path / 'junk'} is not empty and holds no run (no config.yaml); "
+                            "choose a new output_dir to continue the checkpoint in")
+
+
+def test_resuming_a_finished_run_logs_its_final_eval_once(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
+    train(cfg, progress=False)
+    Trainer(cfg, resume=True, progress=False).train()
+    assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]

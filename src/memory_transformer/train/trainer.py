@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -70,6 +71,7 @@ class Trainer:
         self.cfg, self.t = cfg, cfg.training
         self.run_dir = Path(self.t.output_dir)
         self.progress = progress
+        self.source_run, self.new_run_dir = self.run_dir, False  # resuming another run's checkpoint: its folder
         trackers = [x for x in self.t.log_with if x != "none"]
         self.acc = make_accelerator(
             mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.t.precision],
@@ -92,8 +94,8 @@ class Trainer:
         self.state = TrainState()
         if resume_from is not None:
             self._restore(resume_from)
-        elif run_dir:  # only now, with model and data known to be good, does the run folder appear
-            self._create_run_dir()
+        if run_dir and (resume_from is None or self.new_run_dir):  # only now, with model and data known to be
+            self._create_run_dir()  # good, does the run folder appear
         if trackers:
             self.acc.init_trackers("memory-transformer", config=_flat(cfg.to_dict()))
 
@@ -105,18 +107,49 @@ class Trainer:
     def _check_run_dir(self, resume: bool | str | None) -> Path | None:
         """The checkpoint to resume from, or None for a new run; refuses to reuse a non-empty folder."""
         d = self.run_dir
-        if resume:
-            ckpt.clean_stale_temp(d)
-            path = ckpt.latest_checkpoint(d) if resume is True else Path(resume)
-            if path is None:
-                raise ConfigError("--resume", f"no complete checkpoint in {d / 'checkpoints'}")
-            if not (path / "COMPLETE").is_file():
-                raise ConfigError("--resume", f"{path} is not a complete checkpoint")
-            self._check_same_model(d / "config.yaml")
+        if not resume:
+            if d.exists() and any(d.iterdir()):
+                raise ConfigError("training.output_dir", f"{d} already holds a run; "
+                                  + ("it stopped before its first checkpoint: start it again from step 0 with "
+                                     "--resume" if self._restartable(d) else "continue it with --resume")
+                                  + ", or choose another output_dir (nothing was overwritten)")
+            return None
+        ckpt.clean_stale_temp(d)
+        path = ckpt.latest_checkpoint(d) if resume is True else Path(resume)
+        if path is None:
+            return self._restart(d)
+        if not (path / "COMPLETE").is_file():
+            raise ConfigError("--resume", f"{path} is not a complete checkpoint")
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError("--resume", f"{path} is a saved model, not a training checkpoint (no "
+                              "trainer_state.json); resume from a checkpoints/step-NNNNNN folder")
+        if not (d / "config.yaml").is_file():  # another run's checkpoint continued in a new run folder
+            if d.exists() and any(d.iterdir()):
+                raise ConfigError("training.output_dir", f"{d} is not empty and holds no run (no config.yaml); "
+                                  "choose a new output_dir to continue the checkpoint in")
+            self._check_same_model(path / "config.yaml")
+            self.source_run, self.new_run_dir = path.parent.parent, True
             return path
-        if d.exists() and any(d.iterdir()):
-            raise ConfigError("training.output_dir", f"{d} already holds a run; continue it with --resume, "
-                              "or choose another output_dir (nothing was overwritten)")
+        self._check_same_model(d / "config.yaml")
+        return path
+
+    @staticmethod
+    def _restartable(d: Path) -> bool:
+        """A run folder whose run stopped before it saved anything: no checkpoint, no best/ or final/ model."""
+        saved = ckpt.latest_checkpoint(d) or any((d / n).exists() for n in ("best", "final"))
+        return (d / "config.yaml").is_file() and not saved
+
+    def _restart(self, d: Path) -> None:
+        """--resume of a run folder without a checkpoint: start the run again from step 0 if nothing was saved."""
+        if not self._restartable(d):
+            saved = [n for n in ("final", "best") if (d / n).exists()]
+            why = f"; {d / saved[0]} holds a saved model (nothing was overwritten)" if saved else ""
+            raise ConfigError("--resume", f"no complete checkpoint in {d / 'checkpoints'}{why}")
+        self._check_same_model(d / "config.yaml")
+        if self.acc.is_main_process:
+            print(f"{d} has no checkpoint yet (the run stopped before its first save): starting again from step 0",
+                  file=sys.stderr)
+        self.new_run_dir = True
         return None
 
     def _check_same_model(self, saved_path: Path) -> None:
@@ -135,6 +168,7 @@ class Trainer:
     def _create_run_dir(self) -> None:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs from step 0 again
             self.cfg.save(self.run_dir / "config.yaml")
             if self.replay_docs is not None:
                 (self.run_dir / REPLAY_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in self.replay_docs))
@@ -146,7 +180,7 @@ class Trainer:
         folder keeps."""
         from accelerate.utils import broadcast_object_list
 
-        d, path, docs = self.cfg.data, self.run_dir / REPLAY_FILE, None
+        d, path, docs = self.cfg.data, self.source_run / REPLAY_FILE, None
         if resuming and not path.is_file():  # sampling again would not be bit-exact on every device
             raise ConfigError("--resume", f"{path} is missing: the replayed samples of this run are gone; "
                               "start a new run (another training.output_dir)")
@@ -289,7 +323,7 @@ class Trainer:
     def _finish(self, start: float, stop_reason: str) -> dict:
         metrics = self.evaluate()
         metrics = {"step": self.state.step, **metrics}
-        self._log({**metrics, "eval": True})
+        self._log({**metrics, "eval": True, "final": True})
         if self.acc.is_main_process:
             ckpt.atomic_write_dir(self.run_dir / "final", lambda d: save_model(self.unwrapped, d))
             from memory_transformer.train.plots import plot_run
@@ -397,9 +431,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint: those steps run again."""
+    """On resume, drop rows logged after the checkpoint and the final eval: those run again."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        rows = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= step and not json.loads(line).get("final")]
         path.write_text("".join(r + "\n" for r in rows))
 
 
