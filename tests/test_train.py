@@ -165,9 +165,20 @@ def _cli(*args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+# Resume configurations (a row: config overrides). The learned sequence routing row reads 4 chapters, 2 per
+# sequence: rows sharing a chapter made its gradient depend on the CPU thread schedule (issue 16, item 5).
+RESUME_CASES = {
+    "tiny": [],
+    "sequence-4chapters-top2": ["memory.routing=sequence", "memory.num_chapters=4", "memory.top_k=2",
+                                "memory.dropout=0.0", "model.hidden_size=64", "model.intermediate_size=128",
+                                "memory.num_tokens=256", "model.max_seq_len=128"],
+}
+
+
+@pytest.mark.parametrize("overrides", RESUME_CASES.values(), ids=RESUME_CASES.keys())
+def test_resume_after_sigkill_gives_identical_weights(tmp_path, overrides):
     cfg_file = tmp_path / "cfg.yaml"
-    load_config(TINY, ["training.max_steps=12", "training.save_steps=2"]).save(cfg_file)
+    load_config(TINY, ["training.max_steps=12", "training.save_steps=2", *overrides]).save(cfg_file)
     ref = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'ref'}")
     victim = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}")
     kill_at = random.Random(os.getpid()).choice([2, 4, 6, 8])
@@ -188,6 +199,21 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' not in x]
     assert steps == list(range(1, 13))  # rows after the checkpoint were dropped and logged again once
+
+
+def test_backward_is_bit_exact_with_chapters_shared_by_rows(tmp_path):
+    """The same batch twice gives bit-identical gradients (with 2+ CPU threads the chapter read's backward
+    used to sum in thread order: runs, and resumed runs, drifted apart by ~1e-7 per step)."""
+    cfg = tiny(tmp_path, *RESUME_CASES["sequence-4chapters-top2"], "training.batch_size=16")
+    trainer = Trainer(cfg, progress=False, run_dir=False)
+    trainer.model.train()
+    micro = trainer._next_batch()
+    grads = []
+    for _ in range(4):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._forward_backward(micro)
+        grads.append({n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
+    assert all(torch.equal(g[n], grads[0][n]) for g in grads[1:] for n in grads[0])
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
