@@ -386,3 +386,24 @@ def test_resuming_a_finished_run_logs_its_final_eval_once(tmp_path):
     train(cfg, progress=False)
     Trainer(cfg, resume=True, progress=False).train()
     assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]
+
+
+def test_eval_recall_people_limits_the_recall_probes_and_shows_progress(tmp_path, monkeypatch, capsys):
+    import memory_transformer.evaluate as ev
+
+    sizes = []
+    real = ev.recall
+
+    def counting(model, tokenizer, items, **kw):
+        sizes.append((len(items), kw["progress"], kw["desc"]))
+        return real(model, tokenizer, items, **kw)
+
+    monkeypatch.setattr(ev, "recall", counting)
+    trainer = Trainer(tiny(tmp_path, "training.max_steps=1", "training.eval_recall_people=2"), progress=True)
+    metrics = trainer.evaluate(probes=["recall_qa", "recall_bio"])
+    n_attr = len(trainer.data.facts.recall_items("qa")) // 6  # TINY has 6 people
+    assert sizes == [(2 * n_attr, True, "recall_qa"), (2 * n_attr, True, "recall_bio")]
+    assert metrics["knowledge_bits"] == trainer.data.facts.knowledge_bits  # still all 6 people's
+    assert "recall_qa" in capsys.readouterr().err  # the tqdm bar
+    with pytest.raises(ConfigError, match="training.eval_recall_people: must be a positive integer, got 0"):
+        tiny(tmp_path, "training.eval_recall_people=0")

@@ -162,6 +162,7 @@ class TrainingConfig:
     seed: int = 0
     logging_steps: int = 10
     eval_steps: int | None = None
+    eval_recall_people: int | None = None  # synthetic facts: recall at evaluations probes the first N people; null = all
     save_steps: int | None = None
     save_total_limit: int | None = 2
     best_metric: str = "eval_loss"
@@ -349,6 +350,8 @@ def validate(cfg: Config) -> None:
         _positive("training.max_steps", t.max_steps)
     if t.max_steps is None and t.num_epochs is None:
         raise ConfigError("training.max_steps", "set training.max_steps or training.num_epochs")
+    if t.eval_recall_people is not None:
+        _positive("training.eval_recall_people", t.eval_recall_people)
     from memory_transformer.data.synthetic_facts import MAX_PEOPLE
 
     if cfg.data.source == "synthetic_facts" and not 1 <= cfg.data.num_people <= MAX_PEOPLE:

@@ -341,7 +341,8 @@ class Trainer:
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
     def evaluate(self, probes: list[str] | None = None) -> dict:
-        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes)
+        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes, self.t.eval_recall_people,
+                           progress=self.progress and self.acc.is_main_process)
         self.model.train()
         return metrics
 
