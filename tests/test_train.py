@@ -407,3 +407,32 @@ def test_eval_recall_people_limits_the_recall_probes_and_shows_progress(tmp_path
     assert "recall_qa" in capsys.readouterr().err  # the tqdm bar
     with pytest.raises(ConfigError, match="training.eval_recall_people: must be a positive integer, got 0"):
         tiny(tmp_path, "training.eval_recall_people=0")
+
+
+def test_resume_with_more_steps_records_the_change_and_keeps_the_lr_continuous(tmp_path, capsys):
+    from memory_transformer.train.optim import continued_factor
+
+    cfg = tiny(tmp_path, "training.max_steps=4", "training.save_steps=4", "training.warmup_steps=2")
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    more = tiny(tmp_path, "training.max_steps=8", "training.save_steps=4", "training.warmup_steps=2")
+    capsys.readouterr()
+    Trainer(more, resume=True, progress=False).train()
+    assert capsys.readouterr().err.startswith("resumed at step 4 with training.max_steps: 4 -> 8 ")
+    assert load_config(run / "config.yaml") == more and load_config(run / "final" / "config.yaml") == more
+    assert load_config(run / "config-before-step-000004.yaml") == cfg
+    lrs = {r["step"]: r["lr"]["base"] for r in _rows(run) if not r.get("eval")}
+    assert lrs[4] == 0.0  # the cosine had ended: warm up again from 0, then decay to 0 at step 8
+    assert [lrs[s] for s in (5, 6, 7, 8)] == [3e-3 * continued_factor(s, 4, 0.0, 8, 2, "cosine") for s in (5, 6, 7, 8)]
+    assert [round(lrs[s] / 3e-3, 6) for s in (5, 6, 7, 8)] == [0.5, 1.0, 0.5, 0.0]
+    state = json.loads((run / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
+    assert (state["total_steps"], state["lr_phase"]) == (8, [4, 0.0])
+
+
+def test_continued_factor_goes_on_from_the_current_rate():
+    from memory_transformer.train.optim import continued_factor
+
+    assert continued_factor(10, 10, 0.6, 30, 5, "cosine") == 0.6  # no jump at the change
+    assert continued_factor(20, 10, 0.6, 30, 5, "cosine") == pytest.approx(0.3)
+    assert continued_factor(30, 10, 0.6, 30, 5, "linear") == 0.0
+    assert continued_factor(25, 10, 0.6, 30, 5, "constant") == 0.6

@@ -49,6 +49,8 @@ class TrainState:
     evals_without_improvement: int = 0
     bad_steps_in_a_row: int = 0
     tokens: int = 0
+    total_steps: int | None = None  # the total the lr schedule was made for (None: a checkpoint before this field)
+    lr_phase: list[float] | None = None  # [step, lr factor] where the total changed: see optim.continued_factor
 
 
 def make_accelerator(**kwargs):
@@ -91,7 +93,7 @@ class Trainer:
         optimizer = make_optimizer(model, self.t)
         self.scheduler = make_scheduler(optimizer, self.t, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.state = TrainState()
+        self.state = TrainState(total_steps=self.total_steps)
         if resume_from is not None:
             self._restore(resume_from)
         if run_dir and (resume_from is None or self.new_run_dir):  # only now, with model and data known to be
@@ -387,8 +389,40 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
         self.state = TrainState(**json.loads((d / "trainer_state.json").read_text()))
         ckpt.set_rng_state(load_file(d / "rng.safetensors"))
+        self._continue_schedule()
         if self.acc.is_main_process:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            if not self.new_run_dir:
+                self._record_config_change()
+
+    def _continue_schedule(self) -> None:
+        """A resumed run whose total steps changed (e.g. a larger max_steps) keeps its learning rate continuous
+        from here (optim.continued_factor) instead of jumping to the new schedule's value at this step."""
+        s = self.state
+        if s.total_steps not in (None, self.total_steps):
+            group = next((g for g in self.optimizer.param_groups if g["initial_lr"] > 0), None)
+            s.lr_phase = [s.step, group["lr"] / group["initial_lr"] if group else 1.0]
+        s.total_steps = self.total_steps
+        if s.lr_phase is not None:
+            saved = self.scheduler.state_dict()
+            self.scheduler = make_scheduler(self.optimizer.optimizer, self.t, self.total_steps, s.lr_phase)
+            self.scheduler.load_state_dict(saved)
+
+    def _record_config_change(self) -> None:
+        """Resumed with other training keys (e.g. max_steps): config.yaml becomes the config in use; the one
+        it replaces is kept as config-before-step-NNNNNN.yaml."""
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return
+        old, new = (_flat(c.to_dict()) for c in (load_config(path), self.cfg))
+        diff = [f"{k.replace('/', '.')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
+                if old.get(k) != new.get(k)]
+        if diff:
+            kept = path.with_name(f"config-before-{ckpt.step_dirname(self.state.step)}.yaml")
+            path.replace(kept)
+            self.cfg.save(path)
+            print(f"resumed at step {self.state.step} with {'; '.join(diff)} ({path} updated, the previous one "
+                  f"kept as {kept.name})", file=sys.stderr)
 
     # -- logging ----------------------------------------------------------------------------------------------------
     def _log(self, row: dict) -> None:
