@@ -436,3 +436,20 @@ def test_continued_factor_goes_on_from_the_current_rate():
     assert continued_factor(20, 10, 0.6, 30, 5, "cosine") == pytest.approx(0.3)
     assert continued_factor(30, 10, 0.6, 30, 5, "linear") == 0.0
     assert continued_factor(25, 10, 0.6, 30, 5, "constant") == 0.6
+
+
+def test_a_kill_after_the_final_eval_row_logs_it_once_after_resume(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
+    real = ckpt.atomic_write_dir
+
+    def dies_at_final(folder, write, marker=None):
+        if folder.name == "final":  # the final eval row is logged, final/ not yet written
+            raise RuntimeError("killed")
+        return real(folder, write, marker)
+
+    monkeypatch.setattr(ckpt, "atomic_write_dir", dies_at_final)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    Trainer(cfg, resume=True, progress=False).train()
+    assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]
