@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -28,7 +29,9 @@ from memory_transformer.train.checkpoint import (
     save_checkpoint,
     save_state_dict_tree,
     set_rng_state,
+    verify_folder,
 )
+from memory_transformer.config import ConfigError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -86,7 +89,8 @@ def test_returns_max_valid_step(tmp_path):
 def test_step_names_are_zero_padded_and_marked(tmp_path):
     path = save_checkpoint(tmp_path, 42, write_payload("x"), keep_last=None)
     assert path == tmp_path / "checkpoints" / "step-000042"
-    assert (path / "COMPLETE").read_text() == '{"step": 42}'
+    payload = hashlib.sha256(b"x").hexdigest()
+    assert (path / "COMPLETE").read_text() == f'{{"step": 42, "sha256": {{"payload.txt": "{payload}"}}}}'
     assert latest_checkpoint(tmp_path) == path
 
 
@@ -174,6 +178,34 @@ def test_atomic_write_dir_replaces_only_when_complete(tmp_path):
     atomic_write_dir(best, write_payload("v2"))
     assert (best / "payload.txt").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def _flip_byte(path: Path, at: int = 10) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_verify_folder_names_a_flipped_or_missing_file(tmp_path):
+    def write(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "weights.bin").write_bytes(bytes(range(256)))
+        (folder / "state.json").write_text('{"a": 1}')
+
+    path = save_checkpoint(tmp_path, 3, write, keep_last=None)
+    verify_folder(path)  # intact
+    _flip_byte(path / "sub" / "weights.bin")
+    with pytest.raises(ConfigError) as e:
+        verify_folder(path)
+    assert str(e.value) == (f"{path / 'sub' / 'weights.bin'}: checksum mismatch (sha256 differs from "
+                            f"{path / 'COMPLETE'}); the file is corrupt")
+    (path / "sub" / "weights.bin").unlink()
+    with pytest.raises(ConfigError) as e:
+        verify_folder(path)
+    assert str(e.value) == f"{path / 'sub' / 'weights.bin'}: missing (listed in {path / 'COMPLETE'}); the checkpoint is damaged"
+    old = save_checkpoint(tmp_path, 4, write_payload("x"), keep_last=None)
+    (old / "COMPLETE").write_text('{"step": 4}')  # written before checksums were recorded: passes
+    verify_folder(old)
 
 
 def test_stale_temp_of_same_name_is_replaced(tmp_path):

@@ -38,12 +38,19 @@ class LookupModel(nn.Module):
             logits[b, -1, ord(self._next_char(TOK.decode(input_ids[b, n_pad:])))] = 1.0
         return SimpleNamespace(logits=logits)
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-        """Greedy decoding by full forward passes, like transformers' generate without a cache."""
+    def generate(self, input_ids, attention_mask, max_new_tokens, stopping_criteria=(), pad_token_id=0, **kwargs):
+        """Greedy decoding by full forward passes, like transformers' generate without a cache: rows a stopping
+        criterion marks done get padding, and decoding ends when all are done."""
+        done = torch.zeros(len(input_ids), dtype=torch.bool)
         for _ in range(max_new_tokens):
             next_ids = self(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].argmax(-1)
+            next_ids = torch.where(done, pad_token_id, next_ids)
             input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)[:, None]], dim=1)
+            for criterion in stopping_criteria:
+                done |= criterion(input_ids, None)
+            if done.all():
+                break
         return input_ids
 
     def _next_char(self, text: str) -> str:
@@ -77,6 +84,16 @@ def test_decodes_exactly_answer_length_and_restores_mode():
     out = recall(model, TOK, [ITEMS[1]], batch_size=4)
     assert out["correct"] == 1 and model.calls == len(" Acme")
     assert model.training
+
+
+def test_decoding_stops_once_every_answer_is_decided():
+    # Ada's answer is right to its end (6 tokens), Bo's is wrong from the 3rd: 6 forwards, not max length 7
+    items = [ITEMS[0], RecallItem("Who employs Bo?", " Acme Co", "Bo", "employer", 5.0)]
+    model = LookupModel({ITEMS[0].prompt: " Paris and more", items[1].prompt: " Ac#"})
+    out = recall(model, TOK, items, batch_size=2)
+    assert (out["correct"], model.calls) == (1, len(" Paris"))
+    nobody = LookupModel({})
+    assert recall(nobody, TOK, items, batch_size=2)["correct"] == 0 and nobody.calls == 1
 
 
 def test_knows_nothing_and_empty():

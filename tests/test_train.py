@@ -165,9 +165,20 @@ def _cli(*args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+# Resume configurations (a row: config overrides). The learned sequence routing row reads 4 chapters, 2 per
+# sequence: rows sharing a chapter made its gradient depend on the CPU thread schedule (issue 16, item 5).
+RESUME_CASES = {
+    "tiny": [],
+    "sequence-4chapters-top2": ["memory.routing=sequence", "memory.num_chapters=4", "memory.top_k=2",
+                                "memory.dropout=0.0", "model.hidden_size=64", "model.intermediate_size=128",
+                                "memory.num_tokens=256", "model.max_seq_len=128"],
+}
+
+
+@pytest.mark.parametrize("overrides", RESUME_CASES.values(), ids=RESUME_CASES.keys())
+def test_resume_after_sigkill_gives_identical_weights(tmp_path, overrides):
     cfg_file = tmp_path / "cfg.yaml"
-    load_config(TINY, ["training.max_steps=12", "training.save_steps=2"]).save(cfg_file)
+    load_config(TINY, ["training.max_steps=12", "training.save_steps=2", *overrides]).save(cfg_file)
     ref = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'ref'}")
     victim = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}")
     kill_at = random.Random(os.getpid()).choice([2, 4, 6, 8])
@@ -188,6 +199,21 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' not in x]
     assert steps == list(range(1, 13))  # rows after the checkpoint were dropped and logged again once
+
+
+def test_backward_is_bit_exact_with_chapters_shared_by_rows(tmp_path):
+    """The same batch twice gives bit-identical gradients (with 2+ CPU threads the chapter read's backward
+    used to sum in thread order: runs, and resumed runs, drifted apart by ~1e-7 per step)."""
+    cfg = tiny(tmp_path, *RESUME_CASES["sequence-4chapters-top2"], "training.batch_size=16")
+    trainer = Trainer(cfg, progress=False, run_dir=False)
+    trainer.model.train()
+    micro = trainer._next_batch()
+    grads = []
+    for _ in range(4):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._forward_backward(micro)
+        grads.append({n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
+    assert all(torch.equal(g[n], grads[0][n]) for g in grads[1:] for n in grads[0])
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -266,3 +292,164 @@ def test_resume_with_a_config_that_builds_another_model_is_refused(tmp_path):
                             f"(memory.slot_top_k: 8 -> 4); resume with --config {tmp_path / 'run' / 'config.yaml'}")
     resumed = Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)  # more steps: fine
     assert resumed.state.step == 2
+
+
+def _flip_byte(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_a_one_line_error_naming_the_file(tmp_path):
+    train(tiny(tmp_path, "training.max_steps=2", "training.save_steps=2"), progress=False)
+    run = tmp_path / "run"
+    step2 = run / "checkpoints" / "step-000002"
+    _flip_byte(step2 / "optimizer.safetensors")
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)
+    assert str(e.value) == (f"{step2 / 'optimizer.safetensors'}: checksum mismatch (sha256 differs from "
+                            f"{step2 / 'COMPLETE'}); the file is corrupt")
+    _flip_byte(run / "final" / "model.safetensors")
+    r = subprocess.run([sys.executable, "-m", "memory_transformer", "eval", "--checkpoint", str(run / "final")],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (2, f"error: {run / 'final' / 'model.safetensors'}: checksum mismatch "
+                                           f"(sha256 differs from {run / 'final' / 'COMPLETE'}); the file is corrupt\n")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_starts_again_with_resume(tmp_path, monkeypatch, capsys):
+    cfg = tiny(tmp_path, "training.max_steps=3", "training.save_steps=3")
+    crashing = Trainer(cfg, progress=False)
+    real_step = crashing._step
+
+    def step():
+        if crashing.state.step == 1:
+            raise RuntimeError("killed")
+        return real_step()
+
+    monkeypatch.setattr(crashing, "_step", step)
+    with pytest.raises(RuntimeError, match="killed"):
+        crashing.train()
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, progress=False)
+    assert str(e.value) == (f"training.output_dir: {run} already holds a run; it stopped before its first "
+                            "checkpoint: start it again from step 0 with --resume, or choose another output_dir "
+                            "(nothing was overwritten)")
+    capsys.readouterr()
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert capsys.readouterr().err == (f"{run} has no checkpoint yet (the run stopped before its first save): "
+                                       "starting again from step 0\n")
+    assert resumed.state.step == 0 and not (run / "metrics.jsonl").exists()
+    resumed.train()
+    assert [r["step"] for r in _rows(run) if not r.get("eval")] == [1, 2, 3]
+
+
+def test_resume_refuses_a_finished_run_without_checkpoints(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=2")  # save_steps null: only final/
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny(tmp_path, "training.max_steps=4"), resume=True, progress=False)
+    run = tmp_path / "run"
+    assert str(e.value) == (f"--resume: no complete checkpoint in {run / 'checkpoints'}; {run / 'final'} holds a "
+                            "saved model (nothing was overwritten)")
+
+
+def test_resume_another_runs_checkpoint_into_a_new_run_folder(tmp_path):
+    train(tiny(tmp_path, "training.max_steps=2", "training.save_steps=2"), progress=False)
+    source = tmp_path / "run" / "checkpoints" / "step-000002"
+    new = tmp_path / "new"
+    cfg = load_config(TINY, [f"training.output_dir={new}", "training.max_steps=3"])
+    summary = Trainer(cfg, resume=str(source), progress=False).train()
+    assert summary["steps"] == 3
+    assert load_config(new / "config.yaml") == cfg
+    assert [(r["step"], bool(r.get("eval"))) for r in _rows(new)] == [(3, False), (3, True)]
+    assert (new / "final" / "COMPLETE").is_file()
+    with pytest.raises(ConfigError) as e:  # a saved model is no training checkpoint
+        Trainer(load_config(TINY, [f"training.output_dir={tmp_path / 'other'}"]), resume=str(tmp_path / "run" / "final"),
+                progress=False)
+    assert str(e.value) == (f"--resume: {tmp_path / 'run' / 'final'} is a saved model, not a training checkpoint "
+                            "(no trainer_state.json); resume from a checkpoints/step-NNNNNN folder")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as e:
+        Trainer(load_config(TINY, [f"training.output_dir={tmp_path / 'junk'}"]), resume=str(source), progress=False)
+    assert str(e.value) == (f"training.output_dir: {tmp_path / 'junk'} is not empty and holds no run (no config.yaml); "
+                            "choose a new output_dir to continue the checkpoint in")
+
+
+def test_resuming_a_finished_run_logs_its_final_eval_once(tmp_path):
+    cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
+    train(cfg, progress=False)
+    Trainer(cfg, resume=True, progress=False).train()
+    assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]
+
+
+def test_eval_recall_people_limits_the_recall_probes_and_shows_progress(tmp_path, monkeypatch, capsys):
+    import memory_transformer.evaluate as ev
+
+    sizes = []
+    real = ev.recall
+
+    def counting(model, tokenizer, items, **kw):
+        sizes.append((len(items), kw["progress"], kw["desc"]))
+        return real(model, tokenizer, items, **kw)
+
+    monkeypatch.setattr(ev, "recall", counting)
+    trainer = Trainer(tiny(tmp_path, "training.max_steps=1", "training.eval_recall_people=2"), progress=True)
+    metrics = trainer.evaluate(probes=["recall_qa", "recall_bio"])
+    n_attr = len(trainer.data.facts.recall_items("qa")) // 6  # TINY has 6 people
+    assert sizes == [(2 * n_attr, True, "recall_qa"), (2 * n_attr, True, "recall_bio")]
+    assert metrics["knowledge_bits"] == trainer.data.facts.knowledge_bits  # still all 6 people's
+    assert "recall_qa" in capsys.readouterr().err  # the tqdm bar
+    with pytest.raises(ConfigError, match="training.eval_recall_people: must be a positive integer, got 0"):
+        tiny(tmp_path, "training.eval_recall_people=0")
+
+
+def test_resume_with_more_steps_records_the_change_and_keeps_the_lr_continuous(tmp_path, capsys):
+    from memory_transformer.train.optim import continued_factor
+
+    cfg = tiny(tmp_path, "training.max_steps=4", "training.save_steps=4", "training.warmup_steps=2")
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    more = tiny(tmp_path, "training.max_steps=8", "training.save_steps=4", "training.warmup_steps=2")
+    capsys.readouterr()
+    Trainer(more, resume=True, progress=False).train()
+    assert capsys.readouterr().err.startswith("resumed at step 4 with training.max_steps: 4 -> 8 ")
+    assert load_config(run / "config.yaml") == more and load_config(run / "final" / "config.yaml") == more
+    assert load_config(run / "config-before-step-000004.yaml") == cfg
+    lrs = {r["step"]: r["lr"]["base"] for r in _rows(run) if not r.get("eval")}
+    assert lrs[4] == 0.0  # the cosine had ended: warm up again from 0, then decay to 0 at step 8
+    assert [lrs[s] for s in (5, 6, 7, 8)] == [3e-3 * continued_factor(s, 4, 0.0, 8, 2, "cosine") for s in (5, 6, 7, 8)]
+    assert [round(lrs[s] / 3e-3, 6) for s in (5, 6, 7, 8)] == [0.5, 1.0, 0.5, 0.0]
+    state = json.loads((run / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
+    assert (state["total_steps"], state["lr_phase"]) == (8, [4, 0.0])
+
+
+def test_continued_factor_goes_on_from_the_current_rate():
+    from memory_transformer.train.optim import continued_factor
+
+    assert continued_factor(10, 10, 0.6, 30, 5, "cosine") == 0.6  # no jump at the change
+    assert continued_factor(20, 10, 0.6, 30, 5, "cosine") == pytest.approx(0.3)
+    assert continued_factor(30, 10, 0.6, 30, 5, "linear") == 0.0
+    assert continued_factor(25, 10, 0.6, 30, 5, "constant") == 0.6
+
+
+def test_a_kill_after_the_final_eval_row_logs_it_once_after_resume(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
+    real = ckpt.atomic_write_dir
+
+    def dies_at_final(folder, write, marker=None):
+        if folder.name == "final":  # the final eval row is logged, final/ not yet written
+            raise RuntimeError("killed")
+        return real(folder, write, marker)
+
+    monkeypatch.setattr(ckpt, "atomic_write_dir", dies_at_final)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    Trainer(cfg, resume=True, progress=False).train()
+    assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]

@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set) if args.config else model.config
     acc = make_accelerator()
     model.to(acc.device)
-    metrics = evaluate(model, model.tokenizer, build_data(cfg, model.tokenizer), acc)
+    metrics = evaluate(model, model.tokenizer, build_data(cfg, model.tokenizer), acc, progress=acc.is_main_process)
     if acc.is_main_process:
         print(json.dumps(metrics) if args.json else "\n".join(f"{k:<26}{v:>14.4f}" for k, v in metrics.items()))
     return 0

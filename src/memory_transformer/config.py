@@ -164,6 +164,7 @@ class TrainingConfig:
     seed: int = 0
     logging_steps: int = 10
     eval_steps: int | None = None
+    eval_recall_people: int | None = None  # synthetic facts: recall at evaluations probes the first N people; null = all
     save_steps: int | None = None
     save_total_limit: int | None = 2
     best_metric: str = "eval_loss"
@@ -427,7 +428,7 @@ _RANGES = {
                      warmup_steps=_NON_NEGATIVE, grad_clip=_POSITIVE, logging_steps=_AT_LEAST_1,
                      eval_steps=_AT_LEAST_1, save_steps=_AT_LEAST_1, save_total_limit=_AT_LEAST_1,
                      early_stopping_patience=_AT_LEAST_1, early_stopping_threshold=_NON_NEGATIVE,
-                     max_bad_steps=_AT_LEAST_1),
+                     max_bad_steps=_AT_LEAST_1, eval_recall_people=_AT_LEAST_1),
     "inference": dict(rolling_window=_AT_LEAST_1, max_new_tokens=_AT_LEAST_1, top_k=_AT_LEAST_1,
                       temperature=(lambda v: v > 0, "must be > 0 (use inference.greedy for argmax)"),
                       top_p=(lambda v: 0 < v <= 1, "must be in (0, 1]")),

@@ -49,22 +49,26 @@ def perplexity(model, examples: dict[str, torch.Tensor], batch_size: int = 16, a
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
 
 
-def fact_recall(model, tokenizer, facts: SyntheticFacts, probes: list[str] | None = None) -> dict:
-    """Recall metrics (fractions) and knowledge bits recalled, per probe set in RECALL_PROBES."""
-    out = {}
+def fact_recall(model, tokenizer, facts: SyntheticFacts, probes: list[str] | None = None,
+                people: int | None = None, progress: bool = False) -> dict:
+    """Recall metrics (fractions) and knowledge bits recalled, per probe set in RECALL_PROBES; `people` limits
+    the probes to the first that many people (knowledge_bits still counts them all)."""
+    out, probed = {}, facts if people is None else facts.subset(0, people)
     for name in probes or list(RECALL_PROBES):
         kind, held_out = RECALL_PROBES[name]
-        r = recall(model, tokenizer, facts.recall_items(kind, held_out))
+        r = recall(model, tokenizer, probed.recall_items(kind, held_out), progress=progress, desc=name)
         out[name] = r["recall"]
         out[f"{name}_bits"] = r["bits"]
     out["knowledge_bits"] = facts.knowledge_bits
     return out
 
 
-def evaluate(model, tokenizer, bundle, accelerator=None, probes: list[str] | None = None) -> dict:
-    """Perplexity on the bundle's eval set, plus recall when the data has facts. Every process computes the
-    same recall (it is deterministic), so decisions taken on it agree across processes."""
+def evaluate(model, tokenizer, bundle, accelerator=None, probes: list[str] | None = None,
+             recall_people: int | None = None, progress: bool = False) -> dict:
+    """Perplexity on the bundle's eval set, plus recall when the data has facts (of the first `recall_people`
+    people, null = all; `progress`: a tqdm bar per probe set). Every process computes the same recall (it is
+    deterministic), so decisions taken on it agree across processes."""
     metrics = perplexity(model, bundle.eval_examples, accelerator=accelerator) if len(bundle.eval_examples["input_ids"]) else {}
     if bundle.facts is not None:
-        metrics.update(fact_recall(model, tokenizer, bundle.facts, probes))
+        metrics.update(fact_recall(model, tokenizer, bundle.facts, probes, recall_people, progress))
     return metrics

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memory_transformer.config import ConfigError, load_config
+from memory_transformer.train.checkpoint import verify_folder
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.model import MemoryModel, build_model, component_of, subject_index
 
@@ -71,6 +72,7 @@ def load_model(directory: str | Path, device: str | torch.device | None = None, 
     if not (src / "config.yaml").is_file():
         raise ConfigError("", f"{src}: not a saved model (no config.yaml)")
     _check_load_overrides(overrides or [], src)
+    verify_folder(src)  # a folder written by the trainer: each file against the sha256 in its COMPLETE marker
     model = build_model(load_config(src / "config.yaml", overrides), device=device)
     load_weights(model, src, allow_base_mismatch)
     if (src / "tokenizer_config.json").is_file() or (src / "byte_tokenizer.json").is_file():

@@ -9,17 +9,24 @@ import torch
 from memory_transformer.data.synthetic_facts import RecallItem
 
 
-def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32) -> dict:
+def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, progress: bool = False,
+           desc: str = "recall") -> dict:
     """Greedy-decode len(answer tokens) tokens after each prompt; correct iff they equal the answer tokens.
+    A batch stops decoding as soon as every row has either left its answer or finished it. `progress` shows
+    a tqdm bar of the items scored.
 
     Returns recall (fraction correct), correct, total, bits (sum of `item.bits` over correct items) and
     by_attribute (recall per attribute name).
     """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     hits: list[bool] = []
-    for start in range(0, len(items), batch_size):
-        hits += _score_batch(model, tokenizer, items[start : start + batch_size])
+    with tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            hits += _score_batch(model, tokenizer, items[start : start + batch_size])
+            bar.update(len(items[start : start + batch_size]))
     model.train(was_training)
     per_attr: dict[str, list[bool]] = defaultdict(list)
     for item, hit in zip(items, hits):
@@ -41,9 +48,28 @@ def _score_batch(model, tokenizer, items: list[RecallItem]) -> list[bool]:
     # Greedy decoding through the model's own generate (KV cache; positions from the attention mask), the same
     # path as inference. Decoding may stop early at eos: the row is then shorter than the answer, and wrong.
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(a) for a in answers),
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         stopping_criteria=[_AnswerDecided(answers, ids.shape[1])])
     out = out[:, ids.shape[1]:].tolist()  # (B, <= max answer length)
     return [row[: len(a)] == a for row, a in zip(out, answers)]
+
+
+class _AnswerDecided:
+    """Stopping criterion: a row is done once its greedy tokens left its answer (wrong) or spelled all of it.
+    Done rows are padded by `generate`, which stops when all rows are done: the score cannot change after."""
+
+    def __init__(self, answers: list[list[int]], prompt_len: int):
+        width = max(len(a) for a in answers)
+        self.answers = torch.tensor([a + [-1] * (width - len(a)) for a in answers])  # (B, A), -1 past the end
+        self.lengths = torch.tensor([len(a) for a in answers])
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len:].cpu()  # (B, t) tokens generated so far
+        t = new.shape[1]
+        expected = self.answers[:, :t]
+        wrong = ((new != expected) & (expected >= 0)).any(dim=1)
+        return (wrong | (self.lengths <= t)).to(input_ids.device)
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

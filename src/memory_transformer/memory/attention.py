@@ -101,6 +101,13 @@ def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor,
     return (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5, rows
 
 
+def take(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """X[idx] along dim 0 for an integer idx of any shape. Not `X[idx]`: with repeated indices its backward
+    (index_put_ with accumulate) sums in thread order on a multi-threaded CPU, so two runs, or a resumed run
+    and an uninterrupted one, differ in the last bits; index_select's backward (index_add_) is deterministic."""
+    return X.index_select(0, idx.reshape(-1)).view(*idx.shape, *X.shape[1:])
+
+
 def rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows of X (B, k, H, S, h), seen as (B, H, k*S, h), at `rows` (B, H, n, 1) -> (B, H, n, h)."""
     B, k, H, S, h = X.shape
@@ -252,12 +259,12 @@ class MemoryAttention(nn.Module):
         log_g = (gates / gates.sum(-1, keepdim=True)).log() if k > 1 else None  # (B, k)
         dropout = self.dropout if self.training else 0.0
         if (self.slot_top_k is not None and self.slot_top_k < S) or self.null_key is not None:
-            return self._read_sequences_sparse(q, K[inverse], V[inverse], log_g, dropout)
+            return self._read_sequences_sparse(q, take(K, inverse), take(V, inverse), log_g, dropout)
         if len(chapters) == 1:  # one chapter for all rows (always at batch 1, top_k 1): a view, no copy
             K, V = K.expand(B, H, S, hd), V.expand(B, H, S, hd)
         else:  # (B, k, H, S, h) -> (B, H, k*S, h)
-            K = K[inverse].transpose(1, 2).reshape(B, H, k * S, hd)
-            V = V[inverse].transpose(1, 2).reshape(B, H, k * S, hd)
+            K = take(K, inverse).transpose(1, 2).reshape(B, H, k * S, hd)
+            V = take(V, inverse).transpose(1, 2).reshape(B, H, k * S, hd)
         bias = None if log_g is None else log_g.to(q.dtype).repeat_interleave(S, dim=1)[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=bias, dropout_p=dropout)
         return out.transpose(1, 2).reshape(B, T, H * hd)
@@ -314,7 +321,7 @@ class MemoryAttention(nn.Module):
         order = torch.argsort(choice, stable=True)  # pairs grouped by chapter
         chapters, counts = torch.unique_consecutive(choice[order], return_counts=True)  # (U,), (U,)
         K, V = self.project_kv(bank, chapters.tolist())  # (U, H, S, h): each selected chapter once
-        groups = q.reshape(B * T, H, hd)[order // k].split(counts.tolist())  # per chapter: (n_u, H, h)
+        groups = take(q.reshape(B * T, H, hd), order // k).split(counts.tolist())  # per chapter: (n_u, H, h)
         dropout = self.dropout if self.training else 0.0
         parts = [attend_with_lse(g, K[u], V[u], dropout, self.slot_top_k) for u, g in enumerate(groups)]
         unsort = torch.empty_like(order)

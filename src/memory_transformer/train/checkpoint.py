@@ -9,6 +9,8 @@ Run-folder layout::
 A folder is filled under a temporary name, the `COMPLETE` marker is written last, everything is
 fsynced, and only then is it renamed to its final name. A reader that trusts only folders with a
 marker therefore never sees a half-written checkpoint, whatever moment the writer dies at.
+The marker also records the sha256 of every file (`"sha256": {relative path: hex}`): `verify_folder`
+turns a flipped byte or a truncated file into a one-line error naming the file.
 One writer per run folder is assumed (the trainer's main process).
 
 No pickle anywhere: tensors go to safetensors, structure goes to JSON.
@@ -16,6 +18,7 @@ No pickle anywhere: tensors go to safetensors, structure goes to JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from memory_transformer.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], marker: dict | 
     try:
         write(tmp)
         _fsync_tree(tmp)  # data is durable before the marker can claim it is
-        _write_marker(tmp / COMPLETE, marker or {})
+        _write_marker(tmp / COMPLETE, {**(marker or {}), "sha256": _checksums(tmp)})
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +162,32 @@ def _delete_quietly(path: Path) -> None:
         shutil.rmtree(doomed)
     except OSError as err:
         logger.warning("could not delete old checkpoint %s: %s", path, err)
+
+
+def _checksums(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_folder(folder: Path) -> None:
+    """Check every file listed in the folder's COMPLETE marker against its sha256. A folder without a marker,
+    or with one written before checksums were recorded, passes unchecked."""
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    sums = json.loads(marker.read_text()).get("sha256", {}) if marker.is_file() else {}
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise ConfigError("", f"{path}: missing (listed in {marker}); the checkpoint is damaged")
+        if _sha256(path) != expected:
+            raise ConfigError("", f"{path}: checksum mismatch (sha256 differs from {marker}); the file is corrupt")
 
 
 def _write_marker(path: Path, payload: dict) -> None:

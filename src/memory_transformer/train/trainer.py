@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -48,6 +49,8 @@ class TrainState:
     evals_without_improvement: int = 0
     bad_steps_in_a_row: int = 0
     tokens: int = 0
+    total_steps: int | None = None  # the total the lr schedule was made for (None: a checkpoint before this field)
+    lr_phase: list[float] | None = None  # [step, lr factor] where the total changed: see optim.continued_factor
 
 
 def make_accelerator(**kwargs):
@@ -71,6 +74,7 @@ class Trainer:
         self.cfg, self.t = cfg, cfg.training
         self.run_dir = Path(self.t.output_dir)
         self.progress = progress
+        self.source_run, self.new_run_dir = self.run_dir, False  # resuming another run's checkpoint: its folder
         trackers = [x for x in self.t.log_with if x != "none"]
         self.acc = make_accelerator(
             mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.t.precision],
@@ -90,11 +94,11 @@ class Trainer:
         optimizer = make_optimizer(model, self.t)
         self.scheduler = make_scheduler(optimizer, self.t, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.state = TrainState()
+        self.state = TrainState(total_steps=self.total_steps)
         if resume_from is not None:
             self._restore(resume_from)
-        elif run_dir:  # only now, with model and data known to be good, does the run folder appear
-            self._create_run_dir()
+        if run_dir and (resume_from is None or self.new_run_dir):  # only now, with model and data known to be
+            self._create_run_dir()  # good, does the run folder appear
         if trackers:
             self.acc.init_trackers("memory-transformer", config=_flat(cfg.to_dict()))
 
@@ -106,18 +110,49 @@ class Trainer:
     def _check_run_dir(self, resume: bool | str | None) -> Path | None:
         """The checkpoint to resume from, or None for a new run; refuses to reuse a non-empty folder."""
         d = self.run_dir
-        if resume:
-            ckpt.clean_stale_temp(d)
-            path = ckpt.latest_checkpoint(d) if resume is True else Path(resume)
-            if path is None:
-                raise ConfigError("--resume", f"no complete checkpoint in {d / 'checkpoints'}")
-            if not (path / "COMPLETE").is_file():
-                raise ConfigError("--resume", f"{path} is not a complete checkpoint")
-            self._check_same_model(d / "config.yaml")
+        if not resume:
+            if d.exists() and any(d.iterdir()):
+                raise ConfigError("training.output_dir", f"{d} already holds a run; "
+                                  + ("it stopped before its first checkpoint: start it again from step 0 with "
+                                     "--resume" if self._restartable(d) else "continue it with --resume")
+                                  + ", or choose another output_dir (nothing was overwritten)")
+            return None
+        ckpt.clean_stale_temp(d)
+        path = ckpt.latest_checkpoint(d) if resume is True else Path(resume)
+        if path is None:
+            return self._restart(d)
+        if not (path / "COMPLETE").is_file():
+            raise ConfigError("--resume", f"{path} is not a complete checkpoint")
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError("--resume", f"{path} is a saved model, not a training checkpoint (no "
+                              "trainer_state.json); resume from a checkpoints/step-NNNNNN folder")
+        if not (d / "config.yaml").is_file():  # another run's checkpoint continued in a new run folder
+            if d.exists() and any(d.iterdir()):
+                raise ConfigError("training.output_dir", f"{d} is not empty and holds no run (no config.yaml); "
+                                  "choose a new output_dir to continue the checkpoint in")
+            self._check_same_model(path / "config.yaml")
+            self.source_run, self.new_run_dir = path.parent.parent, True
             return path
-        if d.exists() and any(d.iterdir()):
-            raise ConfigError("training.output_dir", f"{d} already holds a run; continue it with --resume, "
-                              "or choose another output_dir (nothing was overwritten)")
+        self._check_same_model(d / "config.yaml")
+        return path
+
+    @staticmethod
+    def _restartable(d: Path) -> bool:
+        """A run folder whose run stopped before it saved anything: no checkpoint, no best/ or final/ model."""
+        saved = ckpt.latest_checkpoint(d) or any((d / n).exists() for n in ("best", "final"))
+        return (d / "config.yaml").is_file() and not saved
+
+    def _restart(self, d: Path) -> None:
+        """--resume of a run folder without a checkpoint: start the run again from step 0 if nothing was saved."""
+        if not self._restartable(d):
+            saved = [n for n in ("final", "best") if (d / n).exists()]
+            why = f"; {d / saved[0]} holds a saved model (nothing was overwritten)" if saved else ""
+            raise ConfigError("--resume", f"no complete checkpoint in {d / 'checkpoints'}{why}")
+        self._check_same_model(d / "config.yaml")
+        if self.acc.is_main_process:
+            print(f"{d} has no checkpoint yet (the run stopped before its first save): starting again from step 0",
+                  file=sys.stderr)
+        self.new_run_dir = True
         return None
 
     def _check_same_model(self, saved_path: Path) -> None:
@@ -136,6 +171,7 @@ class Trainer:
     def _create_run_dir(self) -> None:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs from step 0 again
             self.cfg.save(self.run_dir / "config.yaml")
             if self.replay_docs is not None:
                 (self.run_dir / REPLAY_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in self.replay_docs))
@@ -147,7 +183,7 @@ class Trainer:
         folder keeps."""
         from accelerate.utils import broadcast_object_list
 
-        d, path, docs = self.cfg.data, self.run_dir / REPLAY_FILE, None
+        d, path, docs = self.cfg.data, self.source_run / REPLAY_FILE, None
         if resuming and not path.is_file():  # sampling again would not be bit-exact on every device
             raise ConfigError("--resume", f"{path} is missing: the replayed samples of this run are gone; "
                               "start a new run (another training.output_dir)")
@@ -290,7 +326,7 @@ class Trainer:
     def _finish(self, start: float, stop_reason: str) -> dict:
         metrics = self.evaluate()
         metrics = {"step": self.state.step, **metrics}
-        self._log({**metrics, "eval": True})
+        self._log({**metrics, "eval": True, "final": True})
         if self.acc.is_main_process:
             ckpt.atomic_write_dir(self.run_dir / "final", lambda d: save_model(self.unwrapped, d))
             from memory_transformer.train.plots import plot_run
@@ -308,7 +344,8 @@ class Trainer:
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
     def evaluate(self, probes: list[str] | None = None) -> dict:
-        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes)
+        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes, self.t.eval_recall_people,
+                           progress=self.progress and self.acc.is_main_process)
         self.model.train()
         return metrics
 
@@ -347,13 +384,46 @@ class Trainer:
         (d / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
 
     def _restore(self, d: Path) -> None:
+        ckpt.verify_folder(d)
         load_weights(self.unwrapped, d)
         self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=str(self.acc.device)))
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
         self.state = TrainState(**json.loads((d / "trainer_state.json").read_text()))
         ckpt.set_rng_state(load_file(d / "rng.safetensors"))
+        self._continue_schedule()
         if self.acc.is_main_process:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            if not self.new_run_dir:
+                self._record_config_change()
+
+    def _continue_schedule(self) -> None:
+        """A resumed run whose total steps changed (e.g. a larger max_steps) keeps its learning rate continuous
+        from here (optim.continued_factor) instead of jumping to the new schedule's value at this step."""
+        s = self.state
+        if s.total_steps not in (None, self.total_steps):
+            group = next((g for g in self.optimizer.param_groups if g["initial_lr"] > 0), None)
+            s.lr_phase = [s.step, group["lr"] / group["initial_lr"] if group else 1.0]
+        s.total_steps = self.total_steps
+        if s.lr_phase is not None:
+            saved = self.scheduler.state_dict()
+            self.scheduler = make_scheduler(self.optimizer.optimizer, self.t, self.total_steps, s.lr_phase)
+            self.scheduler.load_state_dict(saved)
+
+    def _record_config_change(self) -> None:
+        """Resumed with other training keys (e.g. max_steps): config.yaml becomes the config in use; the one
+        it replaces is kept as config-before-step-NNNNNN.yaml."""
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return
+        old, new = (_flat(c.to_dict()) for c in (load_config(path), self.cfg))
+        diff = [f"{k.replace('/', '.')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
+                if old.get(k) != new.get(k)]
+        if diff:
+            kept = path.with_name(f"config-before-{ckpt.step_dirname(self.state.step)}.yaml")
+            path.replace(kept)
+            self.cfg.save(path)
+            print(f"resumed at step {self.state.step} with {'; '.join(diff)} ({path} updated, the previous one "
+                  f"kept as {kept.name})", file=sys.stderr)
 
     # -- logging ----------------------------------------------------------------------------------------------------
     def _log(self, row: dict) -> None:
@@ -397,9 +467,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint: those steps run again."""
+    """On resume, drop rows logged after the checkpoint and the final eval: those run again."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        rows = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= step and not json.loads(line).get("final")]
         path.write_text("".join(r + "\n" for r in rows))
 
 
