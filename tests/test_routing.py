@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memory_transformer import build_model
-from memory_transformer.memory import attention as attention_module
+from memory_transformer.memory import attention as attention_module, dispatch
 from memory_transformer.memory.attention import MemoryAttention, Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.router import top_k
@@ -117,14 +117,18 @@ def _loop_reference(q, K, V, inverse, gates, slot_top_k=None, null_key=None):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("slot_top_k", [None, 4])
 @pytest.mark.parametrize("null", [False, True])
-def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, null):
+@pytest.mark.parametrize("skewed", [False, True])  # one chapter takes most pairs: padded in size classes
+def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, null, skewed):
     N, U, H, hd, S = 37, 6, 4, 8, 16
     g = torch.Generator().manual_seed(k * 10 + (slot_top_k or 0) + null)
     q = torch.randn(N, H, hd, generator=g, requires_grad=True)
     bank = torch.randn(U, S, 2 * H * hd, generator=g, requires_grad=True)  # learned [key | value] rows
     K, V = (part.view(U, S, H, hd).transpose(1, 2) for part in bank.split(H * hd, dim=-1))  # views, as read
-    logits = torch.randn(N, U, generator=g).mul(3).requires_grad_()
+    logits = torch.randn(N, U, generator=g).mul(3)
+    logits[:30, 0] += 10 * skewed
+    logits.requires_grad_()
     gates, inverse = top_k(logits, k)  # uneven groups, some chapters unread when k = 1
+    assert (len(dispatch.size_classes(inverse.flatten(), U)) > 1) == skewed
     null_key = torch.randn(H, hd, generator=g, requires_grad=True) if null else None
     got = attention_module.read_tokens(q, K, V, inverse, gates, slot_top_k, null_key)
     ref = _loop_reference(q, K, V, inverse, gates, slot_top_k, null_key)

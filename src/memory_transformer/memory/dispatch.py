@@ -42,6 +42,18 @@ def read_tokens(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, inverse: torc
     return (weight.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)  # (N, H, h)
 
 
+def size_classes(pair_chapter: torch.Tensor, U: int) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Batches of chapters to pad together: all U at once (None, None) when padding every group to the largest
+    costs at most twice the pairs; otherwise (a skewed router) one batch per power-of-2 group size, so padding
+    never more than doubles the work. Each batch: its chapters (U_b,) and the pairs that read them (P_b,)."""
+    counts = torch.bincount(pair_chapter, minlength=U)
+    if U * int(counts.max()) <= 2 * pair_chapter.numel():
+        return [(None, None)]
+    size = torch.ceil(torch.log2(counts.clamp_min(1).double())).long()
+    size_of_pair = size[pair_chapter]
+    return [((size == c).nonzero().flatten(), (size_of_pair == c).nonzero().flatten()) for c in size.unique().tolist()]
+
+
 def padded_groups(pair_chapter: torch.Tensor, num_chapters: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Group the P pairs by chapter, each group padded to n rows: the pair in each of the U*n rows (P for a
     padding row), (U*n,), each pair's row, (P,), and n."""
@@ -59,26 +71,58 @@ def padded_groups(pair_chapter: torch.Tensor, num_chapters: int) -> tuple[torch.
     return pair, row, n
 
 
-def _padded_queries(q: torch.Tensor, pair: torch.Tensor, k: int, U: int, n: int) -> torch.Tensor:
-    """The queries of the U*n padded rows (zeros for padding): (U, H, n, h)."""
-    N, H, hd = q.shape
-    token = torch.where(pair < N * k, pair // k, N)  # padding reads the zero row N
-    qz = torch.cat([q, q.new_zeros(1, H, hd)])
-    return qz[token].view(U, n, H, hd).transpose(1, 2)
+def _padded_queries(q_pairs: torch.Tensor, pair: torch.Tensor, U: int, n: int) -> torch.Tensor:
+    """The queries (P, H, h) of the U*n padded rows (zeros for padding): (U, H, n, h)."""
+    P, H, hd = q_pairs.shape
+    return torch.cat([q_pairs, q_pairs.new_zeros(1, H, hd)])[pair].view(U, n, H, hd).transpose(1, 2)
+
+
+def _in_batches(pair_chapter, K, V, q_pairs, attend):
+    """attend(q_pairs (P_b, H, h), chapter of each pair (P_b,), K, V (U_b, H, S, h)) -> per-pair results, run on
+    each batch of `size_classes` and put back in pair order."""
+    batches = size_classes(pair_chapter, K.shape[0])
+    if batches == [(None, None)]:
+        return attend(q_pairs, pair_chapter, K, V)
+    parts, pairs = [], torch.cat([p for _, p in batches])
+    for chapters, p in batches:
+        local = torch.empty(K.shape[0], dtype=torch.long, device=K.device)
+        local[chapters] = torch.arange(chapters.numel(), device=K.device)
+        parts.append(attend(q_pairs[p], local[pair_chapter[p]], K[chapters], None if V is None else V[chapters]))
+    unsort = torch.empty_like(pairs)
+    unsort[pairs] = torch.arange(pairs.numel(), device=pairs.device)
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(t)[unsort] for t in zip(*parts))
+    return torch.cat(parts)[unsort]
 
 
 def _attend_all(q, K, V, pair_chapter, k, dropout):
     """Every slot of the pair's chapter: one (U, H, n, S) score tensor. -> out (P, H, h), lse (P, H)."""
-    U, H, S, hd = K.shape
-    pair, row, n = padded_groups(pair_chapter, U)
-    qp = _padded_queries(q, pair, k, U, n)  # (U, H, n, h)
-    scores = (qp @ K.transpose(-1, -2)).float() * hd ** -0.5  # (U, H, n, S)
-    lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (U, H, n), (U, H, n, S)
-    if dropout:
-        probs = F.dropout(probs, dropout)
-    out = probs.to(V.dtype) @ V  # (U, H, n, h)
-    out = out.transpose(1, 2).reshape(U * n, H, hd)[row]
-    return out, lse.transpose(1, 2).reshape(U * n, H)[row]
+    q_pairs = q.repeat_interleave(k, dim=0) if k > 1 else q  # (P, H, h)
+
+    def attend(q_pairs, pair_chapter, K, V):
+        U, H, S, hd = K.shape
+        pair, row, n = padded_groups(pair_chapter, U)
+        qp = _padded_queries(q_pairs, pair, U, n)  # (U, H, n, h)
+        scores = (qp @ K.transpose(-1, -2)).float() * hd ** -0.5  # (U, H, n, S)
+        lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (U, H, n), (U, H, n, S)
+        if dropout:
+            probs = F.dropout(probs, dropout)
+        out = probs.to(V.dtype) @ V  # (U, H, n, h)
+        return out.transpose(1, 2).reshape(U * n, H, hd)[row], lse.transpose(1, 2).reshape(U * n, H)[row]
+
+    return _in_batches(pair_chapter, K, V, q_pairs, attend)
+
+
+def _best_slots(q_pairs, pair_chapter, K, m):
+    """Outside autograd: each pair's best m slots of its chapter (P, H, m), from one padded batched matmul."""
+    def attend(q_pairs, pair_chapter, K, V):
+        U, H, S, hd = K.shape
+        pair, row, n = padded_groups(pair_chapter, U)
+        idx = (_padded_queries(q_pairs, pair, U, n) @ K.transpose(-1, -2)).topk(m, dim=-1).indices  # (U, H, n, m)
+        return idx.transpose(1, 2).reshape(U * n, H, m)[row]
+
+    with torch.no_grad():  # (a chapter's gate and the scale do not change the order within a chapter)
+        return _in_batches(pair_chapter, K, None, q_pairs, attend)
 
 
 def _attend_kept(q, K, V, pair_chapter, k, m, dropout):
@@ -86,17 +130,13 @@ def _attend_kept(q, K, V, pair_chapter, k, m, dropout):
     batched); the kept keys and values are gathered per pair straight from K, V (no copy of the bank) and
     only their m scores recomputed with autograd, so the backward pass costs m per pair, not S.
     -> out (P, H, h), lse (P, H)."""
-    U, H, S, hd = K.shape
-    with torch.no_grad():  # (a chapter's gate and the scale do not change the order within a chapter)
-        pair, row, n = padded_groups(pair_chapter, U)
-        qp = _padded_queries(q, pair, k, U, n)  # (U, H, n, h)
-        idx = (qp @ K.transpose(-1, -2)).topk(m, dim=-1).indices  # (U, H, n, m)
-        slot = idx.transpose(1, 2).reshape(U * n, H, m)[row]  # (P, H, m)
+    H, hd = K.shape[1], K.shape[3]
+    q_pairs = q.repeat_interleave(k, dim=0) if k > 1 else q  # (P, H, h)
+    slot = _best_slots(q_pairs, pair_chapter, K, m)  # (P, H, m)
     chapter = pair_chapter[:, None, None]  # (P, 1, 1)
     head = torch.arange(H, device=q.device)[None, :, None]  # (1, H, 1)
     keys, values = K[chapter, head, slot], V[chapter, head, slot]  # (P, H, m, h)
-    qpair = q.repeat_interleave(k, dim=0) if k > 1 else q  # (P, H, h)
-    scores = (qpair[:, :, None, :] * keys).sum(-1).float() * hd ** -0.5  # (P, H, m)
+    scores = (q_pairs[:, :, None, :] * keys).sum(-1).float() * hd ** -0.5  # (P, H, m)
     lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)
     if dropout:
         probs = F.dropout(probs, dropout)
