@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memory_transformer import build_model
-from memory_transformer.memory import attention as attention_module
+from memory_transformer.memory import attention as attention_module, dispatch
 from memory_transformer.memory.attention import MemoryAttention, Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.router import top_k
@@ -75,21 +75,95 @@ def test_token_routing_equals_attending_the_concatenation_of_own_chapters(C, k):
 def test_token_routing_cost_does_not_grow_with_chapters(C, monkeypatch):
     k, S, H, B, T = 2, 8, 4, 2, 6
     attn, bank = _layer(C, k, S=S, H=H)
-    scores, projected = [], []
-    real_attend, real_read = attention_module.attend_with_lse, bank.read
+    calls, projected = [], []
+    real_read_tokens, real_read = attention_module.read_tokens, bank.read
 
-    def attend(q, K, V, dropout=0.0, slot_top_k=None):
-        scores.append(q.shape[0] * K.shape[0] * K.shape[1])  # n queries x H heads x S slots
-        return real_attend(q, K, V, dropout, slot_top_k)
+    def read_tokens(q, K, V, inverse, *args):
+        calls.append((q.shape[0], K.shape[0], inverse.max().item()))
+        return real_read_tokens(q, K, V, inverse, *args)
 
-    monkeypatch.setattr(attention_module, "attend_with_lse", attend)
+    monkeypatch.setattr(attention_module, "read_tokens", read_tokens)
     monkeypatch.setattr(bank, "read", lambda ids: projected.extend(ids) or real_read(ids))
     out, routing = attn(torch.randn(B, T, 32), bank)
     chosen = routing.ids.unique().tolist()
     assert sorted(projected) == chosen  # each selected chapter projected once, no other
     assert len(projected) <= B * T * k  # 24: bounded by the choices, not by C
-    assert sum(scores) == B * T * k * H * S  # every token scores exactly its k*S slots, per head
-    assert len(scores) == len(chosen)  # one attention call per selected chapter
+    assert calls == [(B * T, len(chosen), len(chosen) - 1)]  # one batched read of the selected chapters
+
+
+def _loop_reference(q, K, V, inverse, gates, slot_top_k=None, null_key=None):
+    """The per-chapter loop the batched dispatch replaced: pairs sorted by chapter, one `attend_with_lse` call
+    per selected chapter, partial outputs merged with softmax_c(lse_c + log gate_c) (and the null slot)."""
+    N, H, hd = q.shape
+    k = inverse.shape[1]
+    choice = inverse.reshape(-1)
+    order = torch.argsort(choice, stable=True)
+    chapters, counts = torch.unique_consecutive(choice[order], return_counts=True)
+    groups = q[order // k].split(counts.tolist())
+    parts = [attention_module.attend_with_lse(g, K[c], V[c], 0.0, slot_top_k) for c, g in zip(chapters, groups)]
+    unsort = torch.empty_like(order)
+    unsort[order] = torch.arange(order.numel())
+    out = torch.cat([o for o, _ in parts])[unsort].view(N, k, H, hd)
+    lse = torch.cat([l for _, l in parts])[unsort].view(N, k, H)
+    logits = lse + (gates / gates.sum(1, keepdim=True)).log()[..., None]
+    if null_key is not None:
+        null = (q * null_key).sum(-1) * hd ** -0.5
+        weight = torch.cat([logits, null[:, None]], dim=1).softmax(dim=1)[:, :k]
+    else:
+        weight = logits.softmax(dim=1)
+    return (weight[..., None] * out).sum(dim=1)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("slot_top_k", [None, 4])
+@pytest.mark.parametrize("null", [False, True])
+@pytest.mark.parametrize("skewed", [False, True])  # one chapter takes most pairs: padded in size classes
+def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, null, skewed):
+    N, U, H, hd, S = 37, 6, 4, 8, 16
+    g = torch.Generator().manual_seed(k * 10 + (slot_top_k or 0) + null)
+    q = torch.randn(N, H, hd, generator=g, requires_grad=True)
+    bank = torch.randn(U, S, 2 * H * hd, generator=g, requires_grad=True)  # learned [key | value] rows
+    K, V = (part.view(U, S, H, hd).transpose(1, 2) for part in bank.split(H * hd, dim=-1))  # views, as read
+    logits = torch.randn(N, U, generator=g).mul(3)
+    logits[:30, 0] += 10 * skewed
+    logits.requires_grad_()
+    gates, inverse = top_k(logits, k)  # uneven groups, some chapters unread when k = 1
+    assert (len(dispatch.size_classes(inverse.flatten(), U)) > 1) == skewed
+    null_key = torch.randn(H, hd, generator=g, requires_grad=True) if null else None
+    got = attention_module.read_tokens(q, K, V, inverse, gates, slot_top_k, null_key)
+    ref = _loop_reference(q, K, V, inverse, gates, slot_top_k, null_key)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    weight = torch.randn(N, H, hd, generator=g)
+    inputs = [q, bank, logits] + ([null_key] if null else [])
+    grads = torch.autograd.grad((got * weight).sum(), inputs, retain_graph=True)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
+    for name, a, b in zip(["q", "bank", "gates", "null_key"], grads, ref_grads):
+        assert b.abs().sum() > 0 or (name == "gates" and k == 1), name  # k = 1: renormalised gate is 1
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("slot_top_k,null", [(None, False), (4, True)])
+def test_token_routed_layer_with_padding_equals_the_per_chapter_loop(slot_top_k, null, monkeypatch):
+    torch.manual_seed(0)
+    attn = MemoryAttention(32, 32, 4, 8, 2, wo_init="normal", routing="token", learned_kv=True,
+                           slot_top_k=slot_top_k, null_slot=null)
+    torch.nn.init.normal_(attn.router.proj.weight, std=0.5)
+    bank = MemoryBank(8 * 16, 8, 32, learned_kv=True)
+    h = torch.randn(2, 9, 32, requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    params = [h, *bank.parameters(), *attn.parameters()]
+    out, routing = attn(h, bank, mask=mask)
+    grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True, retain_graph=True)
+    monkeypatch.setattr(attention_module, "read_tokens", lambda *a: _loop_reference(*a[:-1]))
+    ref, ref_routing = attn(h, bank, mask=mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+    assert torch.equal(routing.ids, ref_routing.ids) and routing.ids.unique().numel() > 2
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
 def _record(model) -> list[dict[int, Routing]]:

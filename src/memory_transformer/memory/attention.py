@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memory_transformer.memory.bank import MemoryBank
+from memory_transformer.memory.dispatch import read_tokens, take
 from memory_transformer.memory.router import Router, masked_mean, top_k
 
 
@@ -99,13 +100,6 @@ def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor,
     rows = (idx + S * torch.arange(k, device=idx.device)[:, None]).reshape(B, H, T * k * m, 1)
     keys = rows_of(K, rows).view(B, H, T, k, m, hd)
     return (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5, rows
-
-
-def take(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """X[idx] along dim 0 for an integer idx of any shape. Not `X[idx]`: with repeated indices its backward
-    (index_put_ with accumulate) sums in thread order on a multi-threaded CPU, so two runs, or a resumed run
-    and an uninterrupted one, differ in the last bits; index_select's backward (index_add_) is deterministic."""
-    return X.index_select(0, idx.reshape(-1)).view(*idx.shape, *X.shape[1:])
 
 
 def rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -316,26 +310,9 @@ class MemoryAttention(nn.Module):
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""
         B, T, H, hd = q.shape
-        k = routing.ids.shape[-1]
-        choice = routing.ids.reshape(-1)  # (P,): pair p is token p // k, choice p % k
-        order = torch.argsort(choice, stable=True)  # pairs grouped by chapter
-        chapters, counts = torch.unique_consecutive(choice[order], return_counts=True)  # (U,), (U,)
-        K, V = self.project_kv(bank, chapters.tolist())  # (U, H, S, h): each selected chapter once
-        groups = take(q.reshape(B * T, H, hd), order // k).split(counts.tolist())  # per chapter: (n_u, H, h)
+        chapters, inverse = routing.chapters()  # (U,), (B, T, k)
+        K, V = self.project_kv(bank, chapters)  # (U, H, S, h): each selected chapter once
         dropout = self.dropout if self.training else 0.0
-        parts = [attend_with_lse(g, K[u], V[u], dropout, self.slot_top_k) for u, g in enumerate(groups)]
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        out = torch.cat([o for o, _ in parts])[unsort].view(B * T, k, H, hd)  # back in pair order
-        lse = torch.cat([l for _, l in parts])[unsort].view(B * T, k, H)
-        gates = routing.gates.reshape(B * T, k, 1)
-        # Chapter c's share of the token's softmax over all k*S slots: g_c Z_c / sum_c' g_c' Z_c' (+ the null
-        # slot's exp(score) in the denominator).
-        logits = lse + (gates / gates.sum(1, keepdim=True)).log()  # (N, k, H)
-        if self.null_key is not None:
-            null = self._null_scores(q.reshape(B * T, H, hd))  # (N, H)
-            weight = torch.cat([logits, null[:, None]], dim=1).softmax(dim=1)[:, :k]
-        else:
-            weight = logits.softmax(dim=1)
-        out = (weight.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)  # (N, H, h)
+        out = read_tokens(q.reshape(B * T, H, hd), K, V, inverse.reshape(B * T, -1),
+                          routing.gates.reshape(B * T, -1), self.slot_top_k, self.null_key, dropout)
         return out.reshape(B, T, H * hd)
