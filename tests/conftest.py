@@ -40,7 +40,7 @@ def tiny_config(arch: str = "llama", memory: dict | None = None, **sections):
 def selected_chapters(model) -> list[set[int]]:
     """Per bank, the chapters that some memory layer selected in the last forward."""
     out = [set() for _ in model.memory.banks]
-    for layer, routing in model.memory.state.routing.items():
+    for layer, routing in model.memory.decisions.items():
         out[model.memory.bank_of[layer]] |= set(routing.ids.flatten().tolist())
     return out
 

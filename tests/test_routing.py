@@ -6,10 +6,11 @@ import torch.nn.functional as F
 
 from memory_transformer import build_model
 from memory_transformer.memory import attention as attention_module
-from memory_transformer.memory.attention import MemoryAttention, Routing
+from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
+from memory_transformer.memory.routing import Routing
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.router import top_k
-from memory_transformer.memory.strategies import STRATEGIES, window_means
+from memory_transformer.memory.routing import top_k
+from memory_transformer.memory.routing import STRATEGIES, window_means
 from conftest import ARCHS, MEMORY_CASES, tiny_config, selected_chapters
 
 GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}  # 8 tokens: no early end of sequence
@@ -22,7 +23,7 @@ def _ids(b=1, t=12, seed=0):
 
 def _layer(C: int, k: int, S: int = 8, d: int = 32, H: int = 4):
     torch.manual_seed(0)
-    attn = MemoryAttention(d, d, H, C, k, wo_init="normal", routing="token")
+    attn = MemoryAttention(AttentionArgs(d, d, H, C, k, wo_init="normal", routing="token"))
     torch.nn.init.normal_(attn.router.proj.weight, std=0.5)  # decisive, varied choices
     return attn, MemoryBank(C * S, C, d)
 
@@ -95,7 +96,7 @@ def test_token_routing_cost_does_not_grow_with_chapters(C, monkeypatch):
 def _record(model) -> list[dict[int, Routing]]:
     """The routing decisions of every base forward (one per generation step)."""
     log = []
-    model.base.register_forward_hook(lambda *_: log.append(dict(model.memory.state.routing)))
+    model.base.register_forward_hook(lambda *_: log.append(dict(model.memory.decisions)))
     return log
 
 

@@ -48,17 +48,6 @@ SCORE_ROUTINGS = ("forward", "context")
 log = logging.getLogger(__name__)
 
 
-class ContextRouting:
-    """Stands in for `GenerationRouting` during one scoring forward: every memory layer routes each row on
-    its first `context_len[b]` positions (their hidden states do not depend on later tokens)."""
-
-    def __init__(self, context_mask: torch.Tensor):
-        self.context_mask = context_mask  # (B, T): 1 on the context tokens of each row
-
-    def plan(self, layer: int, attn, offset: int):
-        return lambda x, mask: attn.route(x, self.context_mask[:, -x.shape[1]:])
-
-
 class StopOnStrings(StoppingCriteria):
     """Per row: done once the text generated after the prompt contains one of `stops`."""
 
@@ -161,16 +150,12 @@ class MemoryTransformerLM(TemplateLM):
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, context_lens: list[int]) -> torch.Tensor:
         """Logits (B, W, V); the memory's runtime state is empty before and after."""
-        state = self.model.memory.state if self.model.memory is not None else None
-        if state is not None and self.routing == "context" and self.model.config.memory.routing == "sequence":
+        context = None
+        if self.routing == "context":
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-            state.generation = ContextRouting((pos < torch.tensor(context_lens, device=pos.device)[:, None]).long())
-        try:
+            context = (pos < torch.tensor(context_lens, device=pos.device)[:, None]).long()
+        with self.model.scoring(context):
             return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            if state is not None:
-                state.generation, state.attention_mask = None, None
-                state.routing.clear()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text, in disjoint windows of max_length tokens (each token once)."""
