@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from memory_transformer import load_config
+from memory_transformer.config import ARCHS as SUPPORTED
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+ARCHS = list(SUPPORTED)
 
 # One row per memory variant (PEFT-style TEST_CASES): adding a variant is adding a row.
 # The defaults read learned keys and values, each query its best 8 slots; rows with "projected" cover W_k/W_v,

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from memory_transformer.config import ConfigError
+from memory_transformer.data.tokenizer import left_pad
 from memory_transformer.io import load_model
 from memory_transformer.model import MemoryModel
 
@@ -201,9 +202,9 @@ class MemoryTransformerLM(TemplateLM):
         if keep <= 0:
             raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in max_length={self.max_length}")
         ids = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
-        width, pad = max(len(x) for x in ids), self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        pad = self.tokenizer.pad_token_id
+        input_ids, mask = left_pad(ids, pad, self.device)
+        width = input_ids.shape[1]
         stops = StoppingCriteriaList([StopOnStrings(self.tokenizer, until, width)] if any(until) else [])
         tokens = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad,
                                      eos_token_id=self.tokenizer.eos_token_id, stopping_criteria=stops, **kwargs)

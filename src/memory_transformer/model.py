@@ -20,7 +20,6 @@ from memory_transformer.memory.quant import BITS
 from memory_transformer.memory.routing import ContextRouting, generation_routing
 from memory_transformer.memory.subjects import SubjectTracker, track_subjects
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPONENTS = ("base", "memory_bank", "memory_attention", "memory_mlp", "router", "lora")
 
@@ -168,6 +167,17 @@ class MemoryModel(nn.Module):
         from memory_transformer.io import save_model
 
         save_model(self, directory)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Within: `model` in eval mode; after: the mode it had (train or eval)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------
