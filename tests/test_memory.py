@@ -195,7 +195,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(variant):
     ref = build_model(cfg)
     ckpt = build_model(load_config(cfg.to_dict(), ["memory.gradient_checkpointing=true"]))
     ckpt.load_state_dict(ref.state_dict())
-    ckpt.base.gradient_checkpointing_enable()
+    ckpt.base.activation_checkpointing_enable()
     ref.train(), ckpt.train()
     x = _ids()
     l1, l2 = ref(x, labels=x).loss, ckpt(x, labels=x).loss
