@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from memory_transformer.memory.attention import MemoryAttention
+from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
 
 
@@ -43,8 +43,8 @@ def main() -> None:
     h = torch.randn(args.batch, args.seq, args.hidden, requires_grad=True)
     ms = {}
     for name, top in (("all slots (SDPA)", None), (f"best {args.top} slots", args.top)):
-        attn = MemoryAttention(args.hidden, args.hidden, args.heads, 1, 1, wo_init="identity", learned_kv=True,
-                               slot_top_k=top)
+        attn = MemoryAttention(AttentionArgs(args.hidden, args.hidden, args.heads, wo_init="identity",
+                                             learned_kv=True, slot_top_k=top))
         ms[name] = median_ms(attn, MemoryBank(args.slots, 1, args.hidden, learned_kv=True), h, args.repeats)
     print(f"one read, learned K/V: batch {args.batch} x {args.seq}, hidden {args.hidden}, {args.slots} slots, "
           f"{args.heads} heads, forward + backward, median of {args.repeats}, {torch.get_num_threads()} threads")

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from memory_transformer.memory.attention import MemoryAttention
+from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
 
 SIZES = {"1,024 slots / 1 chapter": (1024, 1), "131,072 slots / 128 chapters": (131072, 128)}
@@ -32,7 +32,8 @@ READS = {"default": {"learned_kv": True, "slot_top_k": 8, "wo_init": "identity"}
 def make(slots: int, chapters: int, routing: str, args) -> tuple:
     torch.manual_seed(0)
     read = READS[args.read]
-    attn = MemoryAttention(args.hidden, args.hidden, 4, chapters, args.top_k, routing=routing, **read).train()
+    attn = MemoryAttention(AttentionArgs(args.hidden, args.hidden, 4, chapters, args.top_k, routing=routing,
+                                         **read)).train()
     bank = MemoryBank(slots, chapters, args.hidden, learned_kv=read["learned_kv"])
     params = [*attn.parameters(), *bank.parameters()]
     return attn, bank, torch.optim.AdamW(params, lr=1e-4)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from memory_transformer import load_config
+from memory_transformer.config import ARCHS as SUPPORTED
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+ARCHS = list(SUPPORTED)
 
 # One row per memory variant (PEFT-style TEST_CASES): adding a variant is adding a row.
 # The defaults read learned keys and values, each query its best 8 slots; rows with "projected" cover W_k/W_v,
@@ -40,7 +41,7 @@ def tiny_config(arch: str = "llama", memory: dict | None = None, **sections):
 def selected_chapters(model) -> list[set[int]]:
     """Per bank, the chapters that some memory layer selected in the last forward."""
     out = [set() for _ in model.memory.banks]
-    for layer, routing in model.memory.state.routing.items():
+    for layer, routing in model.memory.decisions.items():
         out[model.memory.bank_of[layer]] |= set(routing.ids.flatten().tolist())
     return out
 

@@ -257,7 +257,7 @@ def test_distilled_replay_step_is_own_cross_entropy_plus_kl_to_the_plain_base(sa
         expected = (own_ce + kl) / (mb["labels"][:, 1:] != -100).sum()
     assert kl > 1e-3
     assert trainer._forward_backward(micro)["loss"] == pytest.approx(expected.item(), rel=1e-4)
-    assert trainer.unwrapped.training and not trainer.unwrapped.memory.state.bypass
+    assert trainer.unwrapped.training and not trainer.unwrapped.memory.is_bypassed
 
 
 def test_resuming_a_generated_replay_run_without_its_samples_is_an_error(saved_base, tmp_path):

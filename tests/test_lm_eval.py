@@ -19,7 +19,6 @@ from lm_eval.api.instance import Instance
 from conftest import MEMORY_CASES, tiny_config
 from memory_transformer import build_model, load_model
 from memory_transformer.lm_eval_adapter import MemoryTransformerLM, task_manager
-from memory_transformer.memory.strategies import GenerationRouting
 
 TASK_DIR = Path(__file__).parent / "lm_eval_task"
 PAIRS = [("The cat sat on", " the mat"), ("Hello", " world!"), ("a", "bcdefghijkl"), ("Question: 2+2=", " 4"),
@@ -74,8 +73,8 @@ def test_scores_independent_of_order_and_batch(memory):
     for j, i in enumerate(shuffled):
         assert batched[j] == pytest.approx(alone[i], abs=1e-5)
     if model.memory is not None:  # nothing is carried to the next call
-        state = model.memory.state
-        assert state.routing == {} and state.attention_mask is None and state.generation is None
+        memory = model.memory
+        assert memory.decisions == {} and memory.attention_mask is None and memory.policy is memory.default_policy
 
 
 def test_router_pools_only_real_tokens():
@@ -85,27 +84,25 @@ def test_router_pools_only_real_tokens():
     pad = model.tokenizer.pad_token_id
     with torch.no_grad():
         model(input_ids=torch.tensor([short]))
-        alone = {i: r.pooled.clone() for i, r in model.memory.state.routing.items()}
+        alone = {i: r.pooled.clone() for i, r in model.memory.decisions.items()}
         mask = torch.tensor([[1] * 3 + [0] * 5, [1] * 8])
         model(input_ids=torch.tensor([short + [pad] * 5, long]), attention_mask=mask)
-        padded = {i: r.pooled[:1] for i, r in model.memory.state.routing.items()}
+        padded = {i: r.pooled[:1] for i, r in model.memory.decisions.items()}
     for i in alone:
         torch.testing.assert_close(padded[i], alone[i], atol=1e-6, rtol=1e-5)
 
 
 def test_context_routing_scores_as_generation_sees_the_continuation(saved):
     """routing=context: chapters chosen on the context alone, as `generate` routes a prompt; equal to the
-    prompt run through the model with GenerationRouting, then the continuation through the KV cache."""
+    prompt run through the model with `generating` (sequence routing), then the continuation through the KV cache."""
     model = load_model(saved)
     context, continuation = "The cat sat on", " the mat"
     (got, _), = MemoryTransformerLM(model, routing="context").loglikelihood(
         requests("loglikelihood", [(context, continuation)]))
     ctx, cont = (model.tokenizer.encode(s, add_special_tokens=False) for s in (context, continuation))
-    model.memory.state.generation = GenerationRouting("sequence", window=32)
-    with torch.no_grad():
+    with torch.no_grad(), model.generating("sequence"):
         prompt = model.base(input_ids=torch.tensor([ctx]), use_cache=True)
         rest = model.base(input_ids=torch.tensor([cont[:-1]]), past_key_values=prompt.past_key_values, use_cache=True)
-    model.memory.state.generation = None
     logp = F.log_softmax(torch.cat([prompt.logits[0, -1:], rest.logits[0]]).float(), dim=-1)
     assert got == pytest.approx(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-5)
 

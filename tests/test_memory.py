@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from memory_transformer import build_model, load_config, load_model
-from memory_transformer.memory.router import router_losses
+from memory_transformer.memory.routing import router_losses
 from conftest import ARCHS, MEMORY_CASES, tiny_config, selected_chapters
 
 CASES = [(a, m) for a in ARCHS for m in MEMORY_CASES]
@@ -60,7 +60,7 @@ def test_unselected_chapters_are_skipped_by_adamw():
     model = build_model(tiny_config(memory={"num_chapters": 8, "top_k": 1, "layers": [0]}))
     x = _ids(b=1)
     model(x, labels=x).loss.backward()
-    (chosen,) = model.memory.state.routing[0].ids.flatten().tolist()
+    (chosen,) = model.memory.decisions[0].ids.flatten().tolist()
     before = [p.detach().clone() for p in model.memory.banks[0].chapters]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     opt.step()
@@ -95,7 +95,7 @@ def test_aux_loss_is_added_with_its_coefficients():
     x = _ids()
     out = model(x, labels=x)
     router = model.memory.blocks["1"].attn.router
-    losses = router_losses(router(model.memory.state.routing[1].pooled), k=2)
+    losses = router_losses(router(model.memory.decisions[1].pooled), k=2)
     expected = 0.5 * losses["load_balance"] + 0.25 * losses["importance"] + 2.0 * losses["z_loss"]
     assert torch.allclose(out.loss - out.lm_loss, expected)
     assert torch.equal(model(x, labels=x, router_aux=False).loss, out.lm_loss)
@@ -195,7 +195,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(variant):
     ref = build_model(cfg)
     ckpt = build_model(load_config(cfg.to_dict(), ["memory.gradient_checkpointing=true"]))
     ckpt.load_state_dict(ref.state_dict())
-    ckpt.base.gradient_checkpointing_enable()
+    ckpt.base.activation_checkpointing_enable()
     ref.train(), ckpt.train()
     x = _ids()
     l1, l2 = ref(x, labels=x).loss, ckpt(x, labels=x).loss

@@ -185,7 +185,7 @@ def test_only_selected_chapters_are_dequantized():
     x = _ids(b=1)
     model.train()
     model(x)
-    selected = model.memory.state.routing[0].ids.flatten().tolist()
+    selected = model.memory.decisions[0].ids.flatten().tolist()
     assert calls == selected  # 1 of 8 chapters
     calls.clear()
     model.eval()

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from memory_transformer import build_model
 from memory_transformer.memory import attention as attention_module, dispatch
-from memory_transformer.memory.attention import MemoryAttention, Routing
+from memory_transformer.memory.attention import AttentionArgs, MemoryAttention, kept_scores, rows_of
+from memory_transformer.memory.routing import Routing
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.router import top_k
-from memory_transformer.memory.strategies import STRATEGIES, window_means
+from memory_transformer.memory.routing import STRATEGIES, top_k, window_means
 from conftest import ARCHS, MEMORY_CASES, tiny_config, selected_chapters
 
 GREEDY = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}  # 8 tokens: no early end of sequence
@@ -22,7 +22,7 @@ def _ids(b=1, t=12, seed=0):
 
 def _layer(C: int, k: int, S: int = 8, d: int = 32, H: int = 4):
     torch.manual_seed(0)
-    attn = MemoryAttention(d, d, H, C, k, wo_init="normal", routing="token")
+    attn = MemoryAttention(AttentionArgs(d, d, H, C, k, wo_init="normal", routing="token"))
     torch.nn.init.normal_(attn.router.proj.weight, std=0.5)  # decisive, varied choices
     return attn, MemoryBank(C * S, C, d)
 
@@ -91,6 +91,35 @@ def test_token_routing_cost_does_not_grow_with_chapters(C, monkeypatch):
     assert calls == [(B * T, len(chosen), len(chosen) - 1)]  # one batched read of the selected chapters
 
 
+def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: float = 0.0,
+                    slot_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q (n, H, h) to one chapter's K, V (H, S, h): output (n, H, h) and the log-sum-exp
+    of the scores (n, H), which merging partial outputs needs. With `slot_top_k` each query attends to its
+    best `slot_top_k` slots only (the others get probability 0 and no gradient).
+
+    Not SDPA: it does not return the LSE. `aten._scaled_dot_product_flash_attention_for_cpu` does, but only on
+    CPU and with the LSE outside autograd (torch 2.13: `lse.requires_grad` is False), while the merge weights
+    must pass gradients back to the scores. One matmul + logsumexp is exact, differentiable on any device, and
+    costs the same n*S scores SDPA would compute. Scores and softmax in float32 (bf16 models too).
+    With `slot_top_k` the slots are chosen outside autograd and only the kept ones are scored and read with it
+    (`kept_scores`)."""
+    n, H, hd = q.shape
+    if slot_top_k is not None and slot_top_k < K.shape[1]:  # as one row of one chapter: B = k = 1
+        top, rows = kept_scores(q[None], K[None, None], slot_top_k)  # (1, H, n, 1, m), (1, H, n*m, 1)
+        scores, values = top[0, :, :, 0], rows_of(V[None, None], rows)[0].view(H, n, slot_top_k, hd)
+    else:
+        scores = (q.transpose(0, 1) @ K.transpose(1, 2)).float() * hd ** -0.5  # (H, n, S)
+        values = None
+    lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (H, n), (H, n, m or S)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    if values is None:
+        out = probs.to(V.dtype) @ V  # (H, n, h)
+    else:
+        out = (probs.to(V.dtype)[..., None] * values).sum(-2)  # (H, n, h)
+    return out.transpose(0, 1), lse.transpose(0, 1)
+
+
 def _loop_reference(q, K, V, inverse, gates, slot_top_k=None, null_key=None):
     """The per-chapter loop the batched dispatch replaced: pairs sorted by chapter, one `attend_with_lse` call
     per selected chapter, partial outputs merged with softmax_c(lse_c + log gate_c) (and the null slot)."""
@@ -100,7 +129,7 @@ def _loop_reference(q, K, V, inverse, gates, slot_top_k=None, null_key=None):
     order = torch.argsort(choice, stable=True)
     chapters, counts = torch.unique_consecutive(choice[order], return_counts=True)
     groups = q[order // k].split(counts.tolist())
-    parts = [attention_module.attend_with_lse(g, K[c], V[c], 0.0, slot_top_k) for c, g in zip(chapters, groups)]
+    parts = [attend_with_lse(g, K[c], V[c], 0.0, slot_top_k) for c, g in zip(chapters, groups)]
     unsort = torch.empty_like(order)
     unsort[order] = torch.arange(order.numel())
     out = torch.cat([o for o, _ in parts])[unsort].view(N, k, H, hd)
@@ -145,8 +174,8 @@ def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, null, skewe
 @pytest.mark.parametrize("slot_top_k,null", [(None, False), (4, True)])
 def test_token_routed_layer_with_padding_equals_the_per_chapter_loop(slot_top_k, null, monkeypatch):
     torch.manual_seed(0)
-    attn = MemoryAttention(32, 32, 4, 8, 2, wo_init="normal", routing="token", learned_kv=True,
-                           slot_top_k=slot_top_k, null_slot=null)
+    attn = MemoryAttention(AttentionArgs(32, 32, 4, 8, 2, wo_init="normal", routing="token", learned_kv=True,
+                                         slot_top_k=slot_top_k, null_slot=null))
     torch.nn.init.normal_(attn.router.proj.weight, std=0.5)
     bank = MemoryBank(8 * 16, 8, 32, learned_kv=True)
     h = torch.randn(2, 9, 32, requires_grad=True)
@@ -169,7 +198,7 @@ def test_token_routed_layer_with_padding_equals_the_per_chapter_loop(slot_top_k,
 def _record(model) -> list[dict[int, Routing]]:
     """The routing decisions of every base forward (one per generation step)."""
     log = []
-    model.base.register_forward_hook(lambda *_: log.append(dict(model.memory.state.routing)))
+    model.base.register_forward_hook(lambda *_: log.append(dict(model.memory.decisions)))
     return log
 
 

@@ -6,16 +6,16 @@ import torch
 
 from memory_transformer import build_model
 from memory_transformer.config import ConfigError
-from memory_transformer.memory.attention import MemoryAttention
+from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.router import top_k
+from memory_transformer.memory.routing import top_k
 from conftest import tiny_config
 
 
 def _layer(C, k, m, null, learned, routing, S=8, d=32, H=4):
     torch.manual_seed(0)
-    attn = MemoryAttention(d, d, H, C, k, wo_init="normal", routing=routing, learned_kv=learned,
-                           slot_top_k=m, null_slot=null)
+    attn = MemoryAttention(AttentionArgs(d, d, H, C, k, wo_init="normal", routing=routing, learned_kv=learned,
+                                         slot_top_k=m, null_slot=null))
     if attn.router is not None:
         torch.nn.init.normal_(attn.router.proj.weight, std=0.5)  # decisive, varied choices
     if null:
@@ -92,7 +92,7 @@ def test_slot_top_k_updates_only_the_slots_read():
 
 def test_null_slot_takes_its_share_and_can_switch_the_memory_off():
     attn, _ = _layer(1, 1, None, True, False, "sequence")
-    plain = MemoryAttention(32, 32, 4, 1, 1, wo_init="normal")
+    plain = MemoryAttention(AttentionArgs(32, 32, 4, 1, 1, wo_init="normal"))
     plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "null_key"})
     bank = MemoryBank(8, 1, 32, init_std=1.0)
     h = torch.randn(1, 1, 32).expand(2, 5, 32)  # one hidden state everywhere: one query per head

@@ -258,7 +258,7 @@ def test_two_subjects_the_tokenizer_encodes_alike_are_a_config_error():
 
 
 def test_eos_resets_the_lookup_in_pretraining_only_a_chat_answer_reads_its_questions_subject():
-    from memory_transformer.model import subject_index
+    from memory_transformer.memory.subjects import subject_index
 
     tok = load_tokenizer("bytes")
     question = tok.encode("Where was Cyrus Vance born?", add_special_tokens=False)

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 
@@ -27,9 +27,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+Arch = Literal["llama", "qwen2", "qwen3", "mistral"]
+ARCHS: tuple[str, ...] = get_args(Arch)  # the supported decoders
+
+
 @dataclass
 class ModelConfig:
-    arch: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+    arch: Arch = "llama"
     pretrained: str | None = None  # local path or hub name; then arch and sizes come from it
     freeze_base: bool | None = None  # default: true when `pretrained` is set, false otherwise
     hidden_size: int = 256

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memory_transformer.data.synthetic_facts import SyntheticFacts
+from memory_transformer.model import eval_mode
 from memory_transformer.recall import recall
 
 RECALL_PROBES = {  # metric name -> (kind, held_out)
@@ -31,20 +32,18 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 def perplexity(model, examples: dict[str, torch.Tensor], batch_size: int = 16, accelerator=None) -> dict:
     """eval_loss (mean per token) and eval_ppl over `examples`; each process takes every world-th row."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens)
     rows = torch.arange(rank, len(examples["input_ids"]), world)
-    for start in range(0, len(rows), batch_size):
-        idx = rows[start : start + batch_size]
-        batch = {k: v[idx].to(device) for k, v in examples.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, n = token_loss_sums(logits, batch["labels"])
-        total += torch.stack([loss.double(), n.double()])
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start : start + batch_size]
+            batch = {k: v[idx].to(device) for k, v in examples.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, n = token_loss_sums(logits, batch["labels"])
+            total += torch.stack([loss.double(), n.double()])
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
-    model.train(was_training)
     mean = (total[0] / total[1].clamp_min(1)).item()
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
 

@@ -9,7 +9,8 @@ import torch
 
 from memory_transformer.config import ConfigError
 from memory_transformer.io import load_model
-from memory_transformer.model import MemoryModel
+from memory_transformer.data.tokenizer import left_pad
+from memory_transformer.model import MemoryModel, eval_mode
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -44,9 +45,8 @@ def generate_texts(model: MemoryModel, prompts: list[str], batch_size: int = 8, 
     model.eval()
     for start in range(0, len(prompts), batch_size):
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts[start : start + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids], device=model.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+        input_ids, mask = left_pad(ids, tok.pad_token_id, model.device)
+        width = input_ids.shape[1]
         out = model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=tok.pad_token_id,
                              streamer=streamer)
         outs += [tok.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
@@ -58,10 +58,9 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
     """`n` documents sampled from `model` (no top-k or top-p), `batch_size` at a time. Each starts
     after the end-of-text token, as documents follow each other in packed training data, and ends at the next
     one or after `max_tokens`. Seeded by `seed` without touching the caller's random state or train mode."""
-    tok, docs, was_training = model.tokenizer, [], model.training
-    model.eval()
+    tok, docs = model.tokenizer, []
     devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -72,7 +71,6 @@ def sample_documents(model: MemoryModel, n: int, max_tokens: int, seed: int, bat
                                  repetition_penalty=1.0, no_repeat_ngram_size=0,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             docs += [tok.decode(row[1:], skip_special_tokens=True) for row in out.tolist()]
-    model.train(was_training)
     return docs
 
 

@@ -14,24 +14,30 @@ and we hook two of its modules:
   h2 = h1 + mlp(...), m = memory(h2), h3 = h2 + m and returns mlp(...) + m + mlp2(norm2(h3)), so the layer
   returns h3 + mlp2(norm2(h3)).
 
-Hooks are stateless across calls (the stash lives only between the two hooks of one layer call), so they
-re-run correctly under gradient checkpointing. Register them before `torch.compile`: hooks added after
+The variant is chosen once, at install: `_hooks_a` or `_hooks_b` make the pair of hooks of one layer. Hooks are
+stateless across calls (the stash lives only between the two hooks of one layer call), so they re-run correctly
+under gradient checkpointing.
+
+Runtime state (the padding mask of this forward, the routing policy, router decisions, the bypass switch) is held
+here and set only through the scoped context managers `routing_by` and `bypassed` (MemoryModel's `generating`,
+`scoring` and `adapters_disabled` use them). Register them before `torch.compile`: hooks added after
 compilation are not seen. The state dict of the base keeps its own key names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memory_transformer.config import MemoryConfig, bank_groups
-from memory_transformer.memory.attention import MemoryAttention, Routing
+from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.router import chapter_usage, router_losses
-from memory_transformer.memory.strategies import GenerationRouting
+from memory_transformer.memory.routing import LearnedRouting, Policy, Routing, SubjectRouting, chapter_usage, router_losses
 from memory_transformer.memory.subjects import SubjectTracker
 
 
@@ -57,26 +63,14 @@ class MemoryBlock(nn.Module):
         self.mlp, self.norm = mlp, norm  # variant B only
 
 
-class RuntimeState:
-    """Per-forward state shared by the hooks: the padding mask, the generation routing strategy, router stats."""
-
-    def __init__(self):
-        self.attention_mask: torch.Tensor | None = None
-        self.past_length = 0  # generation: positions already in the KV cache before this forward
-        self.generation: GenerationRouting | None = None  # set by MemoryModel.generate for one call
-        self.routing: dict[int, Routing] = {}  # layer index -> last routing decision
-        self.bypass = False  # True: the hooks add nothing, the decoder computes the base model alone
-
-
 class MemoryStack(nn.Module):
     """All banks and memory blocks of a model; installs the hooks that splice them into the base decoder."""
 
-    def __init__(self, cfg: MemoryConfig, base_config, layer_ids: list[int]):
+    def __init__(self, cfg: MemoryConfig, base_config, layer_ids: list[int], subjects: SubjectTracker | None = None):
         super().__init__()
         self.cfg = cfg
         d = base_config.hidden_size
         eps = getattr(base_config, "rms_norm_eps", 1e-6)
-        width = cfg.bank_rank if cfg.bank == "reduced_dim" else d
         groups = bank_groups(cfg.sharing, layer_ids)
         self.layer_ids = layer_ids
         self.bank_of = dict(zip(layer_ids, groups))
@@ -89,16 +83,52 @@ class MemoryStack(nn.Module):
         if learned and cfg.wo_init == "identity":
             for bank in self.banks:
                 bank.zero_values_()
-        self.blocks = nn.ModuleDict({str(i): self._block(d, width, eps) for i in layer_ids})
-        self.state = RuntimeState()
-        self.subjects: SubjectTracker | None = None  # subject routing: set by MemoryModel (needs the tokenizer)
+        args = AttentionArgs.from_config(cfg, d, eps)
+        self.blocks = nn.ModuleDict({str(i): MemoryBlock(MemoryAttention(args)) for i in layer_ids})
+        # subject routing: the model's tracker (memory/subjects.py), which also gates variant B's extra MLP
+        self.subjects = subjects if cfg.routing == "subject" else None
+        # The policy of a plain forward, resolved once; `routing_by` replaces it for one generate / score call.
+        self.default_policy: Policy = (SubjectRouting(subjects) if self.subjects is not None
+                                       else LearnedRouting(per_token=cfg.routing == "token"))
+        self._policy = self.default_policy
+        self._mask: torch.Tensor | None = None  # this forward's attention mask (B, past + T)
+        self._past = 0  # positions already in the KV cache before this forward
+        self._bypass = False  # True: the hooks add nothing, the decoder computes the base model alone
+        self.decisions: dict[int, Routing] = {}  # layer index -> last routing decision (read-only outside)
         self._handles: list = []
 
-    def _block(self, d: int, width: int, eps: float) -> MemoryBlock:
-        c = self.cfg
-        attn = MemoryAttention(d, width, c.num_heads, c.num_chapters, c.top_k, c.qkv_rank, c.wo_init,
-                               c.dropout, eps, c.init_std, c.routing, c.kv == "learned", c.slot_top_k, c.null_slot)
-        return MemoryBlock(attn)
+    # -- scoped state -------------------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @property
+    def is_bypassed(self) -> bool:
+        return self._bypass
+
+    @contextlib.contextmanager
+    def routing_by(self, policy: Policy) -> Iterator[None]:
+        """Within: every memory layer routes by `policy`; after: the default policy, no decisions, no mask."""
+        self._policy = policy
+        self.decisions.clear()
+        try:
+            yield
+        finally:
+            self._policy, self._mask = self.default_policy, None
+            self.decisions.clear()
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Within: the hooks add nothing (the base model alone); nests."""
+        previous, self._bypass = self._bypass, True
+        try:
+            yield
+        finally:
+            self._bypass = previous
 
     def add_variant_b_mlps(self, layers: nn.ModuleList) -> None:
         """Variant B: a fresh copy of each layer's own MLP and norm type, down projection zeroed so the
@@ -116,14 +146,15 @@ class MemoryStack(nn.Module):
     # -- hooks ------------------------------------------------------------------------------------------
     def install(self, base: nn.Module) -> None:
         layers = decoder_layers(base)
-        if self.cfg.block_variant == "B" and self.blocks[str(self.layer_ids[0])].mlp is None:
+        variant_b = self.cfg.block_variant == "B"
+        if variant_b and self.blocks[str(self.layer_ids[0])].mlp is None:
             self.add_variant_b_mlps(layers)
         self._handles.append(base.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
         for i in self.layer_ids:
-            stash: dict = {}
+            pre_norm, post_mlp = self._hooks_b(i) if variant_b else self._hooks_a(i)
             layer = layers[i]
-            self._handles.append(layer.post_attention_layernorm.register_forward_pre_hook(self._pre_norm(i, stash)))
-            self._handles.append(layer.mlp.register_forward_hook(self._post_mlp(i, stash)))
+            self._handles.append(layer.post_attention_layernorm.register_forward_pre_hook(pre_norm))
+            self._handles.append(layer.mlp.register_forward_hook(post_mlp))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -131,60 +162,61 @@ class MemoryStack(nn.Module):
         self._handles.clear()
 
     def _capture_inputs(self, module, args, kwargs):
-        self.state.attention_mask = kwargs.get("attention_mask")
+        self._mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
-        if self.state.generation is not None:
-            self.state.past_length = cache.get_seq_length() if cache is not None else 0
+        self._past = cache.get_seq_length() if cache is not None else 0
 
-    def _pre_norm(self, i: int, stash: dict):
-        def hook(module, args):
-            if self.state.bypass:
+    def _hooks_a(self, i: int):
+        """Variant A: h1 + m into the MLP's norm, m added to the MLP's output."""
+        stash: dict = {}
+
+        def pre_norm(module, args):
+            if self._bypass:
                 return None
-            h1 = args[0]
-            if self.cfg.block_variant == "B":
-                stash["h1"] = h1
-                return None
-            m = self._read(i, h1)
+            m = self._read(i, args[0])
             stash["m"] = m
-            return (h1 + m, *args[1:])
+            return (args[0] + m, *args[1:])
 
-        return hook
+        def post_mlp(module, args, y):
+            return None if self._bypass else y + stash.pop("m")
 
-    def _post_mlp(self, i: int, stash: dict):
-        def hook(module, args, y):
-            if self.state.bypass:
+        return pre_norm, post_mlp
+
+    def _hooks_b(self, i: int):
+        """Variant B: after the MLP, m = memory(h2) and the block's own MLP on h3 = h2 + m."""
+        stash: dict = {}
+        block = self.blocks[str(i)]
+        # the extra MLP is the memory's too: with subject routing, nothing where nothing is read
+        gate = self.subjects.gate if self.subjects is not None else (lambda t: t)
+
+        def pre_norm(module, args):
+            if not self._bypass:
+                stash["h1"] = args[0]
+
+        def post_mlp(module, args, y):
+            if self._bypass:
                 return None
-            if self.cfg.block_variant == "A":
-                return y + stash.pop("m")
-            block = self.blocks[str(i)]
             h2 = stash.pop("h1") + y
             m = self._read(i, h2)
             h3 = h2 + m
-            extra = block.mlp(block.norm(h3))
-            if self.subjects is not None:  # the extra MLP is the memory's too: nothing where nothing is read
-                extra = torch.where(self.subjects.reads(), extra, 0)
-            return y + m + extra
+            return y + m + gate(block.mlp(block.norm(h3)))
 
-        return hook
+        return pre_norm, post_mlp
 
     def _read(self, i: int, h: torch.Tensor) -> torch.Tensor:
         attn = self.blocks[str(i)].attn
         bank = self.banks[self.bank_of[i]]
-        gen = self.state.generation
-        plan = gen.plan(i, attn, self.state.past_length) if gen is not None else None  # None: attn's own routing
+        decide = self._policy.bind(i, attn.router, self._past)
         mask = self._mask_for(h)
-        if self.subjects is not None:
-            ids = self.subjects.chapters[..., None]  # (B, T, 1)
-            plan = Routing(ids, torch.ones(ids.shape, device=ids.device), mask=mask)
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            out, routing = checkpoint(attn, h, bank, plan, mask, use_reentrant=False)
+            out, routing = checkpoint(attn, h, bank, decide, mask, use_reentrant=False)
         else:
-            out, routing = attn(h, bank, plan, mask)
-        self.state.routing[i] = routing
+            out, routing = attn(h, bank, decide, mask)
+        self.decisions[i] = routing
         return out.to(h.dtype)
 
     def _mask_for(self, h: torch.Tensor) -> torch.Tensor | None:
-        mask = self.state.attention_mask
+        mask = self._mask
         if mask is None or mask.dim() != 2:
             return None
         return mask[:, -h.shape[1]:]  # with a KV cache the mask covers past + new tokens
@@ -193,7 +225,7 @@ class MemoryStack(nn.Module):
     def router_inputs(self) -> dict[int, torch.Tensor]:
         """Detached router inputs per memory layer, from the last forward: pooled (B, d) with sequence routing,
         the N real (non-padding) tokens (N, d) with token routing."""
-        return {i: r.pooled for i, r in self.state.routing.items() if r.pooled is not None}
+        return {i: r.pooled for i, r in self.decisions.items() if r.pooled is not None}
 
     def aux_loss(self, pooled: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Weighted router losses, summed over layers. The router sees its inputs detached, so these losses
@@ -211,7 +243,7 @@ class MemoryStack(nn.Module):
 
     def usage(self) -> dict[int, torch.Tensor]:
         """Chapter counts (C,) per memory layer from the last forward, for logging."""
-        return {i: chapter_usage(r.ids, self.cfg.num_chapters, r.mask).cpu() for i, r in self.state.routing.items()}
+        return {i: chapter_usage(r.ids, self.cfg.num_chapters, r.mask).cpu() for i, r in self.decisions.items()}
 
     def clear_cache(self) -> None:
         for block in self.blocks.values():

@@ -41,22 +41,12 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from memory_transformer.config import ConfigError
+from memory_transformer.data.tokenizer import left_pad
 from memory_transformer.io import load_model
 from memory_transformer.model import MemoryModel
 
 SCORE_ROUTINGS = ("forward", "context")
 log = logging.getLogger(__name__)
-
-
-class ContextRouting:
-    """Stands in for `GenerationRouting` during one scoring forward: every memory layer routes each row on
-    its first `context_len[b]` positions (their hidden states do not depend on later tokens)."""
-
-    def __init__(self, context_mask: torch.Tensor):
-        self.context_mask = context_mask  # (B, T): 1 on the context tokens of each row
-
-    def plan(self, layer: int, attn, offset: int):
-        return lambda x, mask: attn.route(x, self.context_mask[:, -x.shape[1]:])
 
 
 class StopOnStrings(StoppingCriteria):
@@ -161,16 +151,12 @@ class MemoryTransformerLM(TemplateLM):
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, context_lens: list[int]) -> torch.Tensor:
         """Logits (B, W, V); the memory's runtime state is empty before and after."""
-        state = self.model.memory.state if self.model.memory is not None else None
-        if state is not None and self.routing == "context" and self.model.config.memory.routing == "sequence":
+        context = None
+        if self.routing == "context":
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-            state.generation = ContextRouting((pos < torch.tensor(context_lens, device=pos.device)[:, None]).long())
-        try:
+            context = (pos < torch.tensor(context_lens, device=pos.device)[:, None]).long()
+        with self.model.scoring(context):
             return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            if state is not None:
-                state.generation, state.attention_mask = None, None
-                state.routing.clear()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text, in disjoint windows of max_length tokens (each token once)."""
@@ -216,9 +202,9 @@ class MemoryTransformerLM(TemplateLM):
         if keep <= 0:
             raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in max_length={self.max_length}")
         ids = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
-        width, pad = max(len(x) for x in ids), self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        pad = self.tokenizer.pad_token_id
+        input_ids, mask = left_pad(ids, pad, self.device)
+        width = input_ids.shape[1]
         stops = StoppingCriteriaList([StopOnStrings(self.tokenizer, until, width)] if any(until) else [])
         tokens = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad,
                                      eos_token_id=self.tokenizer.eos_token_id, stopping_criteria=stops, **kwargs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from memory_transformer.config import Config, ConfigError
@@ -46,7 +45,7 @@ def _gate_lora(model: MemoryModel) -> None:
                               f"{name.split('.')[-1]} ({type(module).__name__})")
         if isinstance(module, nn.Linear) and ".lora_B." in f".{name}.":
             module.register_forward_hook(
-                lambda mod, args, out: torch.where(tracker.reads()[:, -out.shape[1]:], out, 0))
+                lambda mod, args, out: tracker.gate(out))
 
 
 def lora_params_per_rank(model: MemoryModel, targets: list[str]) -> int:

@@ -12,15 +12,14 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from memory_transformer.config import Config, ConfigError, load_config, resolve_layers, uses_subjects
+from memory_transformer.config import Config, ConfigError, load_config, resolve_layers
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
 from memory_transformer.lora import add_lora
 from memory_transformer.memory.quant import BITS
-from memory_transformer.memory.strategies import GenerationRouting
-from memory_transformer.memory.subjects import SubjectIndex, SubjectTracker
+from memory_transformer.memory.routing import ContextRouting, generation_routing
+from memory_transformer.memory.subjects import SubjectTracker, track_subjects
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPONENTS = ("base", "memory_bank", "memory_attention", "memory_mlp", "router", "lora")
 
@@ -54,19 +53,16 @@ class MemoryModel(nn.Module):
     def __init__(self, config: Config, base: nn.Module, tokenizer=None):
         super().__init__()
         self.config, self.base, self.tokenizer = config, base, tokenizer
+        # subject routing (memory) and/or a subject-gated LoRA; its hook runs before the memory's
+        self.subjects: SubjectTracker | None = track_subjects(config, tokenizer, base)
         self.memory: MemoryStack | None = None
         if config.memory.enabled:
             n_layers = base.config.num_hidden_layers
-            self.memory = MemoryStack(config.memory, base.config, resolve_layers(config.memory.layers, n_layers))
+            layers = resolve_layers(config.memory.layers, n_layers)
+            self.memory = MemoryStack(config.memory, base.config, layers, self.subjects)
             self.memory.to(dtype=next(base.parameters()).dtype)
             self.memory.install(base)
         self.merged = False  # LoRA folded into the base weights (lora.merge_lora): save the base in full
-        self.subjects: SubjectTracker | None = None  # subject routing (memory) and/or a subject-gated LoRA
-        if uses_subjects(config):
-            self.subjects = SubjectTracker(subject_index(config, tokenizer))
-            base.register_forward_pre_hook(self.subjects.hook, with_kwargs=True)
-            if self.memory is not None and config.memory.routing == "subject":
-                self.memory.subjects = self.subjects
 
     @property
     def device(self) -> torch.device:
@@ -90,46 +86,57 @@ class MemoryModel(nn.Module):
         """`transformers` generate (KV cache, batching with left padding). Arguments not given take their
         `inference` defaults (max_new_tokens, greedy or temperature/top_k/top_p sampling). `routing` picks how
         memory chapters are chosen: sequence | rolling | token | hybrid (default `inference.routing`, which
-        defaults to the routing the memory was trained with, `memory.routing`; see memory/strategies.py). A memory
+        defaults to the routing the memory was trained with, `memory.routing`; see memory/routing.py). A memory
         with subject routing takes no strategy: every position reads its subject's chapter (memory/subjects.py)."""
         kwargs = {**self._generation_defaults(kwargs), **kwargs}
         gen_cfg = kwargs.get("generation_config") or getattr(self.base, "generation_config", None)
         if self.subjects is not None and (kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1) > 1:
             raise ValueError("num_beams: subject routing keeps the ids of each row, which beam search reorders; "
                              "use greedy decoding or sampling")
-        state = self.memory.state if self.memory is not None else None
-        if state is not None:
-            state.routing.clear()
-            if self.memory.subjects is not None:  # every position reads its subject's chapter: no strategy
-                if routing is not None:
-                    raise ValueError(f"routing: a memory with subject routing routes by subject; got {routing!r}, "
-                                     "leave it unset")
-            else:
-                inf = self.config.inference
-                state.generation = GenerationRouting(routing or inf.routing or self.config.memory.routing,
-                                                    inf.rolling_window)
         try:
-            return self.base.generate(*args, **kwargs)
+            with self.generating(routing):
+                return self.base.generate(*args, **kwargs)
         finally:
-            if state is not None:
-                state.generation = None
-                state.routing.clear()
             if self.subjects is not None:
                 self.subjects.reset()
+
+    @contextlib.contextmanager
+    def generating(self, strategy: str | None = None):
+        """Within: the memory routes as one generation with `strategy` (memory/routing.py; default
+        `inference.routing`, else `memory.routing`). Subject routing takes none. Decisions are cleared after."""
+        if self.memory is None:
+            yield self
+            return
+        if self.memory.subjects is not None:  # every position reads its subject's chapter: no strategy
+            if strategy is not None:
+                raise ValueError(f"routing: a memory with subject routing routes by subject; got {strategy!r}, "
+                                 "leave it unset")
+            policy = self.memory.default_policy
+        else:
+            inf = self.config.inference
+            policy = generation_routing(strategy or inf.routing or self.config.memory.routing, inf.rolling_window)
+        with self.memory.routing_by(policy):
+            yield self
+
+    @contextlib.contextmanager
+    def scoring(self, context_mask: torch.Tensor | None = None):
+        """Within: forwards that score rows. With `context_mask` (B, T) (1 on each row's context tokens) and
+        sequence routing, the chapters are chosen on the context alone, as `generate` routes a prompt. After: no
+        decisions or mask are kept, so a score does not depend on the previous batch."""
+        if self.memory is None:
+            yield self
+            return
+        use_context = context_mask is not None and self.config.memory.routing == "sequence"
+        with self.memory.routing_by(ContextRouting(context_mask) if use_context else self.memory.default_policy):
+            yield self
 
     @contextlib.contextmanager
     def adapters_disabled(self):
         """Within: the frozen base model alone (memory reads skipped, LoRA off), e.g. as a distillation teacher."""
         lora = self.base.disable_adapter() if self.config.lora.enabled else contextlib.nullcontext()
-        previous = self.memory is not None and self.memory.state.bypass
-        if self.memory is not None:
-            self.memory.state.bypass = True
-        try:
-            with lora:
-                yield self
-        finally:
-            if self.memory is not None:
-                self.memory.state.bypass = previous
+        memory = self.memory.bypassed() if self.memory is not None else contextlib.nullcontext()
+        with memory, lora:
+            yield self
 
     def _generation_defaults(self, given: dict) -> dict:
         inf = self.config.inference
@@ -160,6 +167,17 @@ class MemoryModel(nn.Module):
         from memory_transformer.io import save_model
 
         save_model(self, directory)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Within: `model` in eval mode; after: the mode it had (train or eval)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,13 +258,6 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
         for bank in model.memory.banks:  # buffers of the right shapes; a checkpoint load fills them
             bank.quantize_(BITS[cfg.memory.quantization], cfg.memory.quant_group_size)
     return model
-
-
-def subject_index(cfg: Config, tokenizer) -> SubjectIndex:
-    """eos ends a document in pretraining mode only; in a chat it ends a turn, and the answer reads its question's
-    subject."""
-    return SubjectIndex(cfg.memory.subjects, tokenizer, cfg.memory.num_chapters,
-                        reset_at_eos=cfg.data.mode == "pretraining")
 
 
 def _tokenizer_source(cfg: Config) -> tuple[str, str]:

@@ -7,6 +7,8 @@ from collections import defaultdict
 import torch
 
 from memory_transformer.data.synthetic_facts import RecallItem
+from memory_transformer.data.tokenizer import left_pad
+from memory_transformer.model import eval_mode
 
 
 def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, progress: bool = False,
@@ -20,14 +22,12 @@ def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, prog
     """
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     hits: list[bool] = []
-    with tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+    bar = tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    with eval_mode(model), bar:
         for start in range(0, len(items), batch_size):
             hits += _score_batch(model, tokenizer, items[start : start + batch_size])
             bar.update(len(items[start : start + batch_size]))
-    model.train(was_training)
     per_attr: dict[str, list[bool]] = defaultdict(list)
     for item, hit in zip(items, hits):
         per_attr[item.attribute].append(hit)
@@ -44,7 +44,7 @@ def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, prog
 def _score_batch(model, tokenizer, items: list[RecallItem]) -> list[bool]:
     prompts = [tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
     answers = [tokenizer.encode(it.answer, add_special_tokens=False) for it in items]
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, _device(model))
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, _device(model))
     # Greedy decoding through the model's own generate (KV cache; positions from the attention mask), the same
     # path as inference. Decoding may stop early at eos: the row is then shorter than the answer, and wrong.
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(a) for a in answers),
@@ -70,13 +70,6 @@ class _AnswerDecided:
         expected = self.answers[:, :t]
         wrong = ((new != expected) & (expected >= 0)).any(dim=1)
         return (wrong | (self.lengths <= t)).to(input_ids.device)
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
-    return ids, mask
 
 
 def _device(model) -> torch.device:

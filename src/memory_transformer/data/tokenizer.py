@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from memory_transformer.config import ConfigError
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
@@ -66,3 +68,12 @@ def load_tokenizer(name: str, key: str = "model.tokenizer"):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, L) left-padded with `pad_id` and the attention mask (B, L), 0 on the padding: the
+    layout `generate` continues from (every row ends at the same position)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask

@@ -15,16 +15,16 @@ chapter's renormalised gate added to the scores of that chapter's slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memory_transformer.config import MemoryConfig
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.dispatch import read_tokens, take
-from memory_transformer.memory.router import Router, masked_mean, top_k
+from memory_transformer.memory.routing import Decide, LearnedRouting, Router, Routing
 
 
 def projection(d_in: int, d_out: int, rank: int | None) -> nn.Module:
@@ -32,60 +32,6 @@ def projection(d_in: int, d_out: int, rank: int | None) -> nn.Module:
     if rank is None:
         return nn.Linear(d_in, d_out, bias=False)
     return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
-
-
-@dataclass
-class Routing:
-    """A routing decision: chapter ids and their gate probabilities, (B, k) per sequence or (B, T, k) per token.
-    `pooled` is the detached router input for the router losses: (B, d), or (N, d) over the real tokens;
-    `mask` (B, T) marks the real tokens of a per-token decision (padding is left out of usage statistics)."""
-
-    ids: torch.Tensor
-    gates: torch.Tensor
-    logits: torch.Tensor | None = None
-    pooled: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    _chapters: tuple[list[int], torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
-
-    def chapters(self) -> tuple[list[int], torch.Tensor]:
-        """The distinct chapters as a list (U,) and each choice's index into it (same shape as ids). Computed
-        once: a decision frozen for a whole generation costs no `unique` and no device sync per step."""
-        if self._chapters is None:
-            chapters, inverse = torch.unique(self.ids, return_inverse=True)
-            self._chapters = (chapters.tolist(), inverse)
-        return self._chapters
-
-
-RoutingPlan = Routing | Callable[[torch.Tensor, torch.Tensor | None], Routing] | None
-
-
-def attend_with_lse(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, dropout: float = 0.0,
-                    slot_top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q (n, H, h) to one chapter's K, V (H, S, h): output (n, H, h) and the log-sum-exp
-    of the scores (n, H), which merging partial outputs needs. With `slot_top_k` each query attends to its
-    best `slot_top_k` slots only (the others get probability 0 and no gradient).
-
-    Not SDPA: it does not return the LSE. `aten._scaled_dot_product_flash_attention_for_cpu` does, but only on
-    CPU and with the LSE outside autograd (torch 2.13: `lse.requires_grad` is False), while the merge weights
-    must pass gradients back to the scores. One matmul + logsumexp is exact, differentiable on any device, and
-    costs the same n*S scores SDPA would compute. Scores and softmax in float32 (bf16 models too).
-    With `slot_top_k` the slots are chosen outside autograd and only the kept ones are scored and read with it
-    (`kept_scores`)."""
-    n, H, hd = q.shape
-    if slot_top_k is not None and slot_top_k < K.shape[1]:  # as one row of one chapter: B = k = 1
-        top, rows = kept_scores(q[None], K[None, None], slot_top_k)  # (1, H, n, 1, m), (1, H, n*m, 1)
-        scores, values = top[0, :, :, 0], rows_of(V[None, None], rows)[0].view(H, n, slot_top_k, hd)
-    else:
-        scores = (q.transpose(0, 1) @ K.transpose(1, 2)).float() * hd ** -0.5  # (H, n, S)
-        values = None
-    lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (H, n), (H, n, m or S)
-    if dropout:
-        probs = F.dropout(probs, dropout)
-    if values is None:
-        out = probs.to(V.dtype) @ V  # (H, n, h)
-    else:
-        out = (probs.to(V.dtype)[..., None] * values).sum(-2)  # (H, n, h)
-    return out.transpose(0, 1), lse.transpose(0, 1)
 
 
 def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,69 +54,63 @@ def rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return X.transpose(1, 2).reshape(B, H, k * S, h).gather(2, rows.expand(-1, -1, -1, h))
 
 
+@dataclass
+class AttentionArgs:
+    """What one memory cross-attention layer is built from (`from_config` for a model's memory)."""
+
+    hidden: int  # d, the decoder's width
+    width: int  # w, the attention width: d, or the bank rank of a reduced_dim bank
+    num_heads: int
+    num_chapters: int = 1
+    top_k: int = 1
+    qkv_rank: int | None = None
+    wo_init: str = "zero"
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    routing: str = "sequence"  # the decision used when none is given: sequence | token (| subject: none)
+    learned_kv: bool = False
+    slot_top_k: int | None = None  # None: every slot of the selected chapters
+    null_slot: bool = False
+
+    @classmethod
+    def from_config(cls, c: MemoryConfig, hidden: int, norm_eps: float) -> AttentionArgs:
+        return cls(hidden, c.bank_rank if c.bank == "reduced_dim" else hidden, c.num_heads, c.num_chapters, c.top_k,
+                   c.qkv_rank, c.wo_init, c.dropout, norm_eps, c.init_std, c.routing, c.kv == "learned",
+                   c.slot_top_k, c.null_slot)
+
+
 class MemoryAttention(nn.Module):
-    def __init__(self, hidden: int, width: int, num_heads: int, num_chapters: int, top_k: int,
-                 qkv_rank: int | None = None, wo_init: str = "zero", dropout: float = 0.0,
-                 norm_eps: float = 1e-6, init_std: float = 0.02, routing: str = "sequence",
-                 learned_kv: bool = False, slot_top_k: int | None = None, null_slot: bool = False):
+    """The read: q from the hidden states, K/V of the chapters a routing decision selects (cached outside
+    autograd), softmax attention, W_o. It decides nothing: the decision comes from a policy (routing.py). It holds
+    the layer's `Router` parameters (checkpoint keys `...attn.router.*`) for the policies to use."""
+
+    def __init__(self, args: AttentionArgs):
         super().__init__()
-        self.width, self.num_heads, self.top_k, self.dropout = width, num_heads, top_k, dropout
-        self.routing = routing  # "sequence" or "token": the default decision; "subject": decisions are given
-        self.slot_top_k = slot_top_k  # None: every slot of the selected chapters
-        self.norm = nn.RMSNorm(hidden, eps=norm_eps)
-        self.q = projection(hidden, width, qkv_rank)
+        a = args
+        self.width, self.num_heads, self.top_k, self.dropout = a.width, a.num_heads, a.top_k, a.dropout
+        self.slot_top_k = a.slot_top_k
+        self.norm = nn.RMSNorm(a.hidden, eps=a.norm_eps)
+        self.q = projection(a.hidden, a.width, a.qkv_rank)
         # Learned keys and values are read from the bank row as they are: no W_k, W_v.
-        self.k = None if learned_kv else projection(width, width, qkv_rank)
-        self.v = None if learned_kv else projection(width, width, qkv_rank)
-        self.o = nn.Linear(width, hidden, bias=False)
+        self.k = None if a.learned_kv else projection(a.width, a.width, a.qkv_rank)
+        self.v = None if a.learned_kv else projection(a.width, a.width, a.qkv_rank)
+        self.o = nn.Linear(a.width, a.hidden, bias=False)
         # The null slot: key learned per head, value 0. Score 0 at init.
-        self.null_key = nn.Parameter(torch.zeros(num_heads, width // num_heads)) if null_slot else None
+        self.null_key = nn.Parameter(torch.zeros(a.num_heads, a.width // a.num_heads)) if a.null_slot else None
         for lin in (m for m in self.modules() if isinstance(m, nn.Linear)):
-            nn.init.normal_(lin.weight, std=init_std)
-        if wo_init == "zero":  # the layer adds exactly 0 at init: a pretrained model is unchanged
+            nn.init.normal_(lin.weight, std=a.init_std)
+        if a.wo_init == "zero":  # the layer adds exactly 0 at init: a pretrained model is unchanged
             nn.init.zeros_(self.o.weight)
-        elif wo_init == "identity":  # W_o = I and zero values (W_v here, the bank's for learned values):
+        elif a.wo_init == "identity":  # W_o = I and zero values (W_v here, the bank's for learned values):
             nn.init.eye_(self.o.weight)  # also 0 at init, but the values get gradient from the first step
             if self.v is not None:
                 nn.init.zeros_([m for m in self.v.modules() if isinstance(m, nn.Linear)][-1].weight)
-        learned_router = num_chapters > 1 and routing != "subject"  # subject routing looks chapters up
-        self.router = Router(hidden, num_chapters, init_std) if learned_router else None
+        learned_router = a.num_chapters > 1 and a.routing != "subject"  # subject routing looks chapters up
+        self.router = Router(a.hidden, a.num_chapters, a.top_k, a.init_std) if learned_router else None
+        # The decision when the caller gives none (the layer used alone); subject routing needs the input ids.
+        self.policy = None if a.routing == "subject" else LearnedRouting(per_token=a.routing == "token")
         self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-
-    # -- routing ---------------------------------------------------------------------------------------
-    def route(self, x: torch.Tensor, mask: torch.Tensor | None) -> Routing:
-        """Sequence-level routing on the mean of the (normalised, non-padding) hidden states x (B, T, d)."""
-        if self.router is None:
-            return self._dense(x)
-        pooled = masked_mean(x, mask)  # (B, d)
-        logits = self.router(pooled)  # (B, C)
-        gates, ids = top_k(logits, self.top_k)
-        return Routing(ids, gates, logits, pooled.detach())
-
-    def route_tokens(self, x: torch.Tensor, mask: torch.Tensor | None) -> Routing:
-        """Token-level routing: every position of x (B, T, d) picks its own top-k chapters, ids (B, T, k)."""
-        if self.router is None:
-            return self._dense(x)
-        logits = self.router(x)  # (B, T, C)
-        gates, ids = top_k(logits, self.top_k)
-        pooled = x.detach().flatten(0, 1) if mask is None else x.detach()[mask.bool()]  # (N, d) real tokens
-        return Routing(ids, gates, logits, pooled, mask)
-
-    def _dense(self, x: torch.Tensor) -> Routing:
-        """One chapter, no router: every row reads chapter 0 with gate 1."""
-        ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
-        return Routing(ids, torch.ones(x.shape[0], 1, device=x.device))
-
-    def _decide(self, x: torch.Tensor, mask: torch.Tensor | None, plan: RoutingPlan) -> Routing:
-        """A given decision, the decision of a plan (x, mask) -> Routing (generation strategies), or our own."""
-        if isinstance(plan, Routing):
-            return plan
-        if plan is not None:
-            return plan(x, mask)
-        if self.routing == "subject":
-            raise ValueError("memory.routing subject: the chapters come from the input ids (MemoryStack); "
-                             "call the model, not the memory layer alone")
-        return self.route_tokens(x, mask) if self.routing == "token" else self.route(x, mask)
 
     # -- keys and values of the selected chapters --------------------------------------------------------
     def project_kv(self, bank: MemoryBank, chapters: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,13 +157,14 @@ class MemoryAttention(nn.Module):
         return super().train(mode)
 
     # -- the read ------------------------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, bank: MemoryBank, routing: RoutingPlan = None,
+    def forward(self, h: torch.Tensor, bank: MemoryBank, decide: Decide | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        """h (B, T, d) -> memory output (B, T, d) to add to the residual stream, and the routing used."""
+        """h (B, T, d) -> memory output (B, T, d) to add to the residual stream, and the routing used.
+        `decide` (x, mask) -> Routing: a policy bound to this call (routing.py); None: the layer's own."""
         B, T, _ = h.shape
         H, w = self.num_heads, self.width
         x = self.norm(h)
-        routing = self._decide(x, mask, routing)
+        routing = (decide or self._own_decision())(x, mask)
         q = self.q(x).view(B, T, H, w // H)  # (B, T, H, h)
         if routing.ids.dim() == 3 and bool((routing.ids < 0).any()):  # some tokens read nothing (subject routing)
             out = self._read_some(q, bank, routing)
@@ -240,6 +181,12 @@ class MemoryAttention(nn.Module):
             g = (g / g.detach()).to(out.dtype)
             out = out * (g[:, None, None] if g.dim() == 1 else g[..., None])
         return out, routing
+
+    def _own_decision(self) -> Decide:
+        if self.policy is None:
+            raise ValueError("memory.routing subject: the chapters come from the input ids (MemoryStack); "
+                             "call the model, not the memory layer alone")
+        return self.policy.bind(0, self.router, 0)
 
     def _read_sequences(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token of row b attends to the concatenation of row b's k chapters. q (B, T, H, h) -> (B, T, w)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from memory_transformer.config import ConfigError
+from memory_transformer.config import Config, ConfigError, uses_subjects
 
 NO_EVENT, NO_READ = -2, -1
 
@@ -125,5 +125,27 @@ class SubjectTracker:
         """(B, T, 1) bool: whether the position reads a subject's chapter."""
         return (self.chapters >= 0)[..., None]
 
+    def gate(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B, T', ...) of the last T' positions, 0 where no subject is read: what variant B's extra MLP and a
+        subject-gated LoRA (lora.gate: subject) add only where the memory reads."""
+        return torch.where(self.reads()[:, -t.shape[1]:], t, 0)
+
     def reset(self) -> None:
         self.ids = self.read = self.chapters = None
+
+
+def subject_index(cfg: Config, tokenizer) -> SubjectIndex:
+    """eos ends a document in pretraining mode only; in a chat it ends a turn, and the answer reads its question's
+    subject."""
+    return SubjectIndex(cfg.memory.subjects, tokenizer, cfg.memory.num_chapters,
+                        reset_at_eos=cfg.data.mode == "pretraining")
+
+
+def track_subjects(cfg: Config, tokenizer, base) -> SubjectTracker | None:
+    """The one tracker of a model that uses subjects (subject routing and/or a subject-gated LoRA), looking the
+    input ids up before every forward of `base`; None otherwise."""
+    if not uses_subjects(cfg):
+        return None
+    tracker = SubjectTracker(subject_index(cfg, tokenizer))
+    base.register_forward_pre_hook(tracker.hook, with_kwargs=True)
+    return tracker

@@ -85,7 +85,7 @@ class Trainer:
         resume_from = self._check_run_dir(resume) if run_dir else None
         model = build_model(cfg, seed=self.t.seed, for_training=True)
         if self.t.gradient_checkpointing:
-            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = model.tokenizer
         self.replay_docs = self._generated_replay(model, resume_from is not None) if cfg.data.replay_generated else None
         self.data = build_data(cfg, self.tokenizer, self.replay_docs)
