@@ -302,3 +302,14 @@ def test_fuzz_bad_files_and_arguments(tmp_path, monkeypatch, capsys, argv, messa
     code, err = _run([str(path) if a == "CFG" else a for a in argv], capsys)
     assert code == 2 and _one_error_line(err).startswith(message), err
     assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", [["quantize", "--bits", "8"], ["export", "--memory-only"]])
+def test_out_that_holds_something_is_refused(tmp_path, capsys, command):
+    build_model(tiny_config()).save_pretrained(tmp_path / "m")
+    (tmp_path / "file").write_text("keep me")
+    code, err = _run([command[0], "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "file"),
+                      *command[1:]], capsys)
+    assert (code, _one_error_line(err)) == (2, f"error: --out: {tmp_path / 'file'} exists and is not empty; "
+                                               "choose a new folder")
+    assert (tmp_path / "file").read_text() == "keep me"

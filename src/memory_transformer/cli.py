@@ -116,11 +116,9 @@ def cmd_lr_find(args) -> int:
 def cmd_quantize(args) -> int:
     """Convert a trained model's memory banks to int8 or int4 storage (for inference)."""
     from memory_transformer.model import quantize_model
-    from memory_transformer.io import load_model
+    from memory_transformer.io import load_model, new_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
+    out = new_folder(args.out, "--out")
     model = load_model(args.checkpoint, overrides=args.set, allow_base_mismatch=args.allow_base_mismatch)
     model = quantize_model(model, args.bits, args.group_size)
     model.save_pretrained(out)

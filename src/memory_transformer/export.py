@@ -6,15 +6,13 @@ from pathlib import Path
 
 from memory_transformer.config import ConfigError
 from memory_transformer import lora
-from memory_transformer.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, save_model
+from memory_transformer.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, new_folder, save_model
 from memory_transformer.model import MemoryModel
 
 
 def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False, memory_only: bool = False,
            hf: bool = False, allow_base_mismatch: bool = False) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("--out", f"{out} exists and is not empty; choose a new folder")
+    out = new_folder(out, "--out")
     model = load_model(checkpoint, allow_base_mismatch=allow_base_mismatch)
     if merge_lora:
         save_model(lora.merge_lora(model), out)

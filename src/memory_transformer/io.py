@@ -65,6 +65,14 @@ def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None =
 LOAD_TIME_KEYS = ("inference.", "data.", "training.", "model.pretrained", "model.dtype", "model.attn_implementation")
 
 
+def new_folder(path: str | Path, key: str) -> Path:
+    """`path` as a folder to write a model into: absent or empty, never one that holds something (or a file)."""
+    out = Path(path)
+    if out.is_file() or (out.exists() and any(out.iterdir())):
+        raise ConfigError(key, f"{out} exists and is not empty; choose a new folder")
+    return out
+
+
 def load_model(directory: str | Path, device: str | torch.device | None = None, overrides: list[str] | None = None,
                allow_base_mismatch: bool = False) -> MemoryModel:
     """Restore a model saved with `save_pretrained`: same weights, same logits. `overrides` may change only
