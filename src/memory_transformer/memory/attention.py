@@ -23,7 +23,7 @@ from torch import nn
 
 from memory_transformer.config import MemoryConfig
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.dispatch import read_tokens, take
+from memory_transformer.memory.dispatch import null_scores, read_tokens, softmax_with_null, take
 from memory_transformer.memory.routing import Decide, LearnedRouting, Router, Routing
 
 
@@ -225,11 +225,8 @@ class MemoryAttention(nn.Module):
         if log_g is not None:
             top = top + log_g[:, None, None, :, None]
         flat = top.flatten(-2)  # (B, H, T, k*m)
-        if self.null_key is not None:
-            null = self._null_scores(q).permute(0, 2, 1)  # (B, H, T)
-            probs = torch.cat([flat, null[..., None]], dim=-1).softmax(dim=-1)[..., :-1]
-        else:
-            probs = flat.softmax(dim=-1)
+        null = None if self.null_key is None else null_scores(q, self.null_key).permute(0, 2, 1)  # (B, H, T)
+        probs = softmax_with_null(flat, null, dim=-1)
         if dropout:
             probs = F.dropout(probs, dropout)
         if not sparse:
@@ -238,10 +235,6 @@ class MemoryAttention(nn.Module):
         picked = rows_of(V, rows).view(B, H, T, -1, hd)  # the kept slots' values, (B, H, T, k*m, h)
         out = (probs.to(V.dtype)[..., None] * picked).sum(-2)  # (B, H, T, h)
         return out.transpose(1, 2).reshape(B, T, H * hd)
-
-    def _null_scores(self, q: torch.Tensor) -> torch.Tensor:
-        """Scores of the null slot, q (..., H, h) -> (..., H), float32 like the other scores."""
-        return (q * self.null_key.to(q.dtype)).sum(-1).float() * q.shape[-1] ** -0.5
 
     def _read_some(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Per-token routing where chapter id -1 means "read nothing": those tokens get exactly 0 (so does the

@@ -22,6 +22,21 @@ def take(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return X.index_select(0, idx.reshape(-1)).view(*idx.shape, *X.shape[1:])
 
 
+def null_scores(q: torch.Tensor, null_key: torch.Tensor) -> torch.Tensor:
+    """Scores of the null slot (key `null_key` (H, h), value 0), q (..., H, h) -> (..., H), float32 like the
+    other scores."""
+    return (q * null_key.to(q.dtype)).sum(-1).float() * q.shape[-1] ** -0.5
+
+
+def softmax_with_null(scores: torch.Tensor, null: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Softmax of `scores` along `dim`, with the null slot's score `null` (`scores` without `dim`) in the
+    denominator when given: the weight the null slot takes reads nothing."""
+    if null is None:
+        return scores.softmax(dim=dim)
+    n = scores.shape[dim]
+    return torch.cat([scores, null.unsqueeze(dim)], dim=dim).softmax(dim=dim).narrow(dim, 0, n)
+
+
 def read_tokens(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor,
                 slot_top_k: int | None = None, null_key: torch.Tensor | None = None,
                 dropout: float = 0.0) -> torch.Tensor:
@@ -41,11 +56,7 @@ def read_tokens(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, inverse: torc
     # Chapter c's share of the token's softmax over all k*S slots: g_c Z_c / sum_c' g_c' Z_c' (+ the null
     # slot's exp(score) in the denominator).
     logits = lse + (g / g.sum(1, keepdim=True)).log()  # (N, k, H)
-    if null_key is not None:
-        null = (q * null_key.to(q.dtype)).sum(-1).float() * hd ** -0.5  # (N, H)
-        weight = torch.cat([logits, null[:, None]], dim=1).softmax(dim=1)[:, :k]
-    else:
-        weight = logits.softmax(dim=1)
+    weight = softmax_with_null(logits, None if null_key is None else null_scores(q, null_key), dim=1)
     return (weight.unsqueeze(-1).to(out.dtype) * out).sum(dim=1)  # (N, H, h)
 
 
