@@ -491,3 +491,27 @@ def test_a_kill_after_the_final_eval_row_logs_it_once_after_resume(tmp_path, mon
     monkeypatch.undo()
     Trainer(cfg, resume=True, progress=False).train()
     assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]
+
+
+def test_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
+    """fp16 training's loss scale is in the checkpoint. A CPU has no fp16 autocast (accelerate makes no scaler
+    there), so the accelerator gets a CPU GradScaler whose scale doubles every step."""
+    import memory_transformer.train.trainer as trainer_module
+
+    real = trainer_module.make_accelerator
+
+    def with_scaler(**kw):
+        acc = real(**kw)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+        return acc
+
+    monkeypatch.setattr(trainer_module, "make_accelerator", with_scaler)
+    cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
+    first = Trainer(cfg, progress=False)
+    first.train()
+    assert first.acc.scaler.get_scale() == 2.0**10
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "scaler.json").is_file()
+    resumed = Trainer(tiny(tmp_path, "training.max_steps=4", "training.save_steps=2"), resume=True, progress=False)
+    assert resumed.acc.scaler.get_scale() == 2.0**10
+    resumed.train()
+    assert resumed.acc.scaler.get_scale() == 2.0**12
