@@ -405,3 +405,21 @@ def test_state_dict_tree_rejects_unpicklable_free_types(tmp_path):
     with pytest.raises(TypeError, match="a/b"):
         save_state_dict_tree({"a": {"b": object()}}, tmp_path / "bad")
 
+
+
+def test_grad_scaler_round_trip(tmp_path):
+    """The fp16 loss scale and its growth tracker survive save_state_dict_tree (accelerate makes no GradScaler on
+    a CPU, so the trainer's use of it is tested with a CPU GradScaler in test_train.py)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    for grad in (1.0, float("inf"), 1.0, 1.0):  # an overflow halves the scale, then two good steps count up
+        opt.zero_grad()
+        scaler.scale((w * grad).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    save_state_dict_tree(scaler.state_dict(), tmp_path / "scaler")
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(load_state_dict_tree(tmp_path / "scaler"))
+    assert restored.state_dict() == scaler.state_dict()
+    assert (restored.get_scale(), restored.state_dict()["_growth_tracker"]) == (2.0**7, 2)

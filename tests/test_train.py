@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,23 +176,60 @@ RESUME_CASES = {
 }
 
 
-@pytest.mark.parametrize("overrides", RESUME_CASES.values(), ids=RESUME_CASES.keys())
-def test_resume_after_sigkill_gives_identical_weights(tmp_path, overrides):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(processes: int, *args):
+    """`memory-transformer` on 1 process, or under torchrun on several."""
+    if processes == 1:
+        return _cli(*args)
+    torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    return subprocess.Popen([sys.executable, *torchrun, "-m", "memory_transformer", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and, at the same moment, all its descendants (torchrun starts each worker in a session
+    of its own, so killing the launcher or its process group leaves the workers running)."""
+    import psutil
+
+    victims = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for p in victims:
+        p.kill()
+    psutil.wait_procs(victims, timeout=30)
+
+
+# (overrides, processes): each RESUME_CASES row on one process, and the tiny one on two (DDP: every process's
+# RNG state and data position are in the checkpoint; with dropout each process draws its own masks)
+RESUME_RUNS = {**{k: (v, 1) for k, v in RESUME_CASES.items()}, "tiny-2-processes": (RESUME_CASES["tiny"], 2)}
+
+
+@pytest.mark.parametrize("overrides, processes", RESUME_RUNS.values(), ids=RESUME_RUNS.keys())
+def test_resume_after_sigkill_gives_identical_weights(tmp_path, overrides, processes):
     cfg_file = tmp_path / "cfg.yaml"
-    load_config(TINY, ["training.max_steps=12", "training.save_steps=2", *overrides]).save(cfg_file)
-    ref = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'ref'}")
-    victim = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}")
+    load_config(TINY, ["training.max_steps=12", "training.save_steps=2", f"training.batch_size={4 // processes}",
+                       *overrides]).save(cfg_file)
+    ref = _launch(processes, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'ref'}")
+    victim = _launch(processes, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}")
     kill_at = random.Random(os.getpid()).choice([2, 4, 6, 8])
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
         done = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
         if done and done[-1] >= kill_at:
             break
         time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
+    assert victim.poll() is None, f"the run stopped before it could be killed: {victim.stderr.read()[-3000:]}"
+    _kill_tree(victim.pid)
     victim.wait()
     assert not (tmp_path / "run" / "final").exists(), "the run finished before it could be killed"
-    resumed = _cli("train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}", "--resume")
+    saved = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
+    assert saved and saved[-1] < 12, f"killed with checkpoints {saved}: nothing or everything left to train"
+    resumed = _launch(processes, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'run'}",
+                      "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     a, b = weights(tmp_path / "ref" / "final"), weights(tmp_path / "run" / "final")
@@ -453,3 +491,27 @@ def test_a_kill_after_the_final_eval_row_logs_it_once_after_resume(tmp_path, mon
     monkeypatch.undo()
     Trainer(cfg, resume=True, progress=False).train()
     assert [(r["step"], r.get("final")) for r in _rows(tmp_path / "run") if r.get("eval")] == [(2, True)]
+
+
+def test_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
+    """fp16 training's loss scale is in the checkpoint. A CPU has no fp16 autocast (accelerate makes no scaler
+    there), so the accelerator gets a CPU GradScaler whose scale doubles every step."""
+    import memory_transformer.train.trainer as trainer_module
+
+    real = trainer_module.make_accelerator
+
+    def with_scaler(**kw):
+        acc = real(**kw)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+        return acc
+
+    monkeypatch.setattr(trainer_module, "make_accelerator", with_scaler)
+    cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
+    first = Trainer(cfg, progress=False)
+    first.train()
+    assert first.acc.scaler.get_scale() == 2.0**10
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "scaler.json").is_file()
+    resumed = Trainer(tiny(tmp_path, "training.max_steps=4", "training.save_steps=2"), resume=True, progress=False)
+    assert resumed.acc.scaler.get_scale() == 2.0**10
+    resumed.train()
+    assert resumed.acc.scaler.get_scale() == 2.0**12

@@ -243,6 +243,11 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def process_filename(rank: int) -> str:
+    """The checkpoint file with the RNG state and data position of process `rank`."""
+    return f"process-{rank}.safetensors"
+
+
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     """Restore what `rng_state` captured (sources absent from `state` are left alone)."""
     has_gauss, gauss = state["python.gauss_next"].tolist()

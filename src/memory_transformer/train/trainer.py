@@ -95,6 +95,10 @@ class Trainer:
         self.scheduler = make_scheduler(optimizer, self.t, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.state = TrainState(total_steps=self.total_steps)
+        if self.acc.num_processes > 1:  # the model is built alike everywhere; dropout masks now differ per process,
+            from accelerate.utils import set_seed  # as one process draws its own mask for every row
+
+            set_seed(self.t.seed, device_specific=True)  # seed + process index
         if resume_from is not None:
             self._restore(resume_from)
         if run_dir and (resume_from is None or self.new_run_dir):  # only now, with model and data known to be
@@ -117,7 +121,9 @@ class Trainer:
                                      "--resume" if self._restartable(d) else "continue it with --resume")
                                   + ", or choose another output_dir (nothing was overwritten)")
             return None
-        ckpt.clean_stale_temp(d)
+        if self.acc.is_main_process:  # one process cleans; the others would race it for the same folders
+            ckpt.clean_stale_temp(d)
+        self.acc.wait_for_everyone()
         path = ckpt.latest_checkpoint(d) if resume is True else Path(resume)
         if path is None:
             return self._restart(d)
@@ -372,29 +378,69 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Every process hands its RNG state and data position to the main process, which writes the folder: its
+        COMPLETE marker therefore comes after every process's state is in it."""
+        processes = self._process_states()  # a collective: every process calls it
         if self.acc.is_main_process:
-            ckpt.save_checkpoint(self.run_dir, self.state.step, self._write_checkpoint, self.t.save_total_limit)
+            ckpt.save_checkpoint(self.run_dir, self.state.step, lambda d: self._write_checkpoint(d, processes),
+                                 self.t.save_total_limit)
         self.acc.wait_for_everyone()
 
-    def _write_checkpoint(self, d: Path) -> None:
+    def _process_states(self) -> list[dict[str, torch.Tensor]]:
+        """RNG state and data position of every process, indexed by process (gathered to all of them)."""
+        s = self.state
+        own = {**ckpt.rng_state(), "data.epoch": torch.tensor(s.epoch), "data.offset": torch.tensor(s.offset)}
+        if self.acc.num_processes == 1:
+            return [own]
+        from accelerate.utils import gather_object
+
+        return gather_object([own])  # pickled in transit between live processes only; files stay safetensors
+
+    def _write_checkpoint(self, d: Path, processes: list[dict[str, torch.Tensor]]) -> None:
         save_model(self.unwrapped, d)
         ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
         ckpt.save_state_dict_tree(self.scheduler.state_dict(), d / "scheduler")
-        save_file(ckpt.rng_state(), d / "rng.safetensors")
-        (d / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
+        if self.acc.scaler is not None:  # fp16 loss scale and its growth tracker
+            ckpt.save_state_dict_tree(self.acc.scaler.state_dict(), d / "scaler")
+        for rank, state in enumerate(processes):
+            save_file(state, d / ckpt.process_filename(rank))
+        (d / "trainer_state.json").write_text(json.dumps({**asdict(self.state), "num_processes": len(processes)}))
 
     def _restore(self, d: Path) -> None:
         ckpt.verify_folder(d)
         load_weights(self.unwrapped, d)
-        self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=str(self.acc.device)))
+        device = _safetensors_device(self.acc.device)
+        self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=device))
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
-        self.state = TrainState(**json.loads((d / "trainer_state.json").read_text()))
-        ckpt.set_rng_state(load_file(d / "rng.safetensors"))
+        if self.acc.scaler is not None and (d / "scaler.json").is_file():
+            self.acc.scaler.load_state_dict(ckpt.load_state_dict_tree(d / "scaler"))
+        saved = json.loads((d / "trainer_state.json").read_text())
+        saved_processes = saved.pop("num_processes", 1)
+        self.state = TrainState(**saved)
+        self._restore_process_state(d, saved_processes)
         self._continue_schedule()
         if self.acc.is_main_process:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if not self.new_run_dir:
                 self._record_config_change()
+
+    def _restore_process_state(self, d: Path, saved_processes: int) -> None:
+        """This process's RNG state and data position. On another number of processes than the checkpoint's, the
+        data goes on from the same global position but the run is no longer bit-exact (process r > 0 without a
+        state of its own takes process 0's)."""
+        rank, now = self.acc.process_index, self.acc.num_processes
+        if saved_processes != now and self.acc.is_main_process:
+            print(f"resuming a checkpoint of {saved_processes} process(es) on {now}: the data order goes on, but "
+                  "random draws (dropout) differ from an uninterrupted run", file=sys.stderr)
+        path = d / ckpt.process_filename(rank)
+        if not path.is_file():  # more processes than saved, or a checkpoint from before per-process states
+            path = d / ckpt.process_filename(0)
+        if not path.is_file():
+            path = d / "rng.safetensors"
+        state = load_file(path)
+        if "data.epoch" in state:
+            self.state.epoch, self.state.offset = int(state.pop("data.epoch")), int(state.pop("data.offset"))
+        ckpt.set_rng_state(state)
 
     def _continue_schedule(self) -> None:
         """A resumed run whose total steps changed (e.g. a larger max_steps) keeps its learning rate continuous
@@ -445,6 +491,11 @@ def distill_loss_sum(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.
     student = logits[:, :-1][mask].float().log_softmax(-1)
     target = teacher[:, :-1][mask].float().log_softmax(-1)
     return ce + F.kl_div(student, target, log_target=True, reduction="sum")
+
+
+def _safetensors_device(device: torch.device) -> str:
+    """safetensors refuses "cpu:0", which accelerate uses as the device of CPU processes under torchrun."""
+    return "cpu" if device.type == "cpu" else str(device)
 
 
 def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
