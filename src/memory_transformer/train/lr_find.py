@@ -21,7 +21,7 @@ def lr_find(cfg: Config, out_dir: str | Path, start: float = 1e-6, end: float = 
     for i, lr in enumerate(lrs):
         for g in trainer.optimizer.param_groups:
             g["lr"] = lr
-        loss = trainer._forward_backward(trainer._next_batch())["loss"]
+        loss = trainer.loss_and_gradients()["loss"]
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         avg = 0.98 * avg + 0.02 * loss

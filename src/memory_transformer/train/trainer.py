@@ -71,34 +71,34 @@ class Trainer:
         from accelerate import DistributedDataParallelKwargs
 
         check_training(cfg)
-        self.cfg, self.t = cfg, cfg.training
-        self.run_dir = Path(self.t.output_dir)
+        self.cfg, self.train_cfg = cfg, cfg.training
+        self.run_dir = Path(self.train_cfg.output_dir)
         self.progress = progress
         self.source_run, self.new_run_dir = self.run_dir, False  # resuming another run's checkpoint: its folder
-        trackers = [x for x in self.t.log_with if x != "none"]
+        trackers = [x for x in self.train_cfg.log_with if x != "none"]
         self.acc = make_accelerator(
-            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.t.precision],
+            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.train_cfg.precision],
             log_with=trackers or None, project_dir=str(self.run_dir),
             # top-k routing leaves most chapters unused in a step: DDP must not wait for their gradients
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         resume_from = self._check_run_dir(resume) if run_dir else None
-        model = build_model(cfg, seed=self.t.seed, for_training=True)
-        if self.t.gradient_checkpointing:
+        model = build_model(cfg, seed=self.train_cfg.seed, for_training=True)
+        if self.train_cfg.gradient_checkpointing:
             model.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = model.tokenizer
         self.replay_docs = self._generated_replay(model, resume_from is not None) if cfg.data.replay_generated else None
         self.data = build_data(cfg, self.tokenizer, self.replay_docs)
-        self.global_batch = self.t.batch_size * self.t.grad_accum_steps * self.acc.num_processes
+        self.global_batch = self.train_cfg.batch_size * self.train_cfg.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
-        optimizer = make_optimizer(model, self.t)
-        self.scheduler = make_scheduler(optimizer, self.t, self.total_steps)
+        optimizer = make_optimizer(model, self.train_cfg)
+        self.scheduler = make_scheduler(optimizer, self.train_cfg, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.state = TrainState(total_steps=self.total_steps)
         if self.acc.num_processes > 1:  # the model is built alike everywhere; dropout masks now differ per process,
             from accelerate.utils import set_seed  # as one process draws its own mask for every row
 
-            set_seed(self.t.seed, device_specific=True)  # seed + process index
+            set_seed(self.train_cfg.seed, device_specific=True)  # seed + process index
         if resume_from is not None:
             self._restore(resume_from)
         if run_dir and (resume_from is None or self.new_run_dir):  # only now, with model and data known to be
@@ -199,14 +199,14 @@ class Trainer:
             else:
                 with model.to(self.acc.device).adapters_disabled():
                     docs = sample_documents(model, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
-                                            self.t.batch_size, d.replay_temperature)
+                                            self.train_cfg.batch_size, d.replay_temperature)
         return broadcast_object_list([docs])[0]
 
     def _total_steps(self) -> int:
-        if self.t.max_steps is not None:
-            return self.t.max_steps
+        if self.train_cfg.max_steps is not None:
+            return self.train_cfg.max_steps
         per_epoch = len(self.data.train_examples(0)["input_ids"]) // self.global_batch
-        return max(1, math.ceil(self.t.num_epochs * per_epoch))
+        return max(1, math.ceil(self.train_cfg.num_epochs * per_epoch))
 
     # -- data ----------------------------------------------------------------------------------------------
     def _next_batch(self) -> list[dict[str, torch.Tensor]]:
@@ -221,10 +221,10 @@ class Trainer:
                                   f"({len(examples['input_ids'])} rows)")
         rows = {k: v[s.offset : s.offset + G] for k, v in examples.items()}
         s.offset += G
-        b, W, r = self.t.batch_size, self.acc.num_processes, self.acc.process_index
+        b, W, r = self.train_cfg.batch_size, self.acc.num_processes, self.acc.process_index
         # row layout (micro-batch j, process w, row i) -> this process keeps its slice of each micro-batch
-        return [{k: v.view(self.t.grad_accum_steps, W, b, -1)[j, r].to(self.acc.device) for k, v in rows.items()}
-                for j in range(self.t.grad_accum_steps)]
+        return [{k: v.view(self.train_cfg.grad_accum_steps, W, b, -1)[j, r].to(self.acc.device) for k, v in rows.items()}
+                for j in range(self.train_cfg.grad_accum_steps)]
 
     # -- one optimizer step ------------------------------------------------------------------------------------
     def _forward_backward(self, micro: list[dict]) -> dict:
@@ -267,10 +267,15 @@ class Trainer:
         finally:
             model.train()
 
+    def loss_and_gradients(self) -> dict:
+        """Forward and backward on the next global batch, gradients accumulated, no optimizer step (the LR
+        finder's step, and the first half of a training step): loss, router_loss, tokens, usage."""
+        return self._forward_backward(self._next_batch())
+
     def _step(self) -> dict:
-        result = self._forward_backward(self._next_batch())
+        result = self.loss_and_gradients()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.t.grad_clip if self.t.grad_clip is not None else float("inf")
+        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else float("inf")
         norm = self.acc.clip_grad_norm_(params, max_norm)
         norm = float(norm) if norm is not None else 0.0
         finite = math.isfinite(result["loss"]) and math.isfinite(result["router_loss"]) and math.isfinite(norm)
@@ -290,7 +295,7 @@ class Trainer:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
-        t, s = self.t, self.state
+        t, s = self.train_cfg, self.state
         bar = tqdm(total=self.total_steps, initial=s.step, disable=not (self.progress and self.acc.is_main_process),
                    desc="train", dynamic_ncols=True)
         start, window_tokens, window_t0, usage, last = time.time(), 0, time.time(), None, {}
@@ -350,14 +355,14 @@ class Trainer:
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
     def evaluate(self, probes: list[str] | None = None) -> dict:
-        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes, self.t.eval_recall_people,
+        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes, self.train_cfg.eval_recall_people,
                            progress=self.progress and self.acc.is_main_process)
         self.model.train()
         return metrics
 
     def _eval_and_keep_best(self, probes: list[str]) -> bool:
         """Evaluate, log, save best/ when the chosen metric improves; True when early stopping says stop."""
-        t, s = self.t, self.state
+        t, s = self.train_cfg, self.state
         metrics = self.evaluate(probes)
         self._log({"step": s.step, "eval": True, **metrics})
         value = metrics.get(t.best_metric)
@@ -383,7 +388,7 @@ class Trainer:
         processes = self._process_states()  # a collective: every process calls it
         if self.acc.is_main_process:
             ckpt.save_checkpoint(self.run_dir, self.state.step, lambda d: self._write_checkpoint(d, processes),
-                                 self.t.save_total_limit)
+                                 self.train_cfg.save_total_limit)
         self.acc.wait_for_everyone()
 
     def _process_states(self) -> list[dict[str, torch.Tensor]]:
@@ -452,7 +457,7 @@ class Trainer:
         s.total_steps = self.total_steps
         if s.lr_phase is not None:
             saved = self.scheduler.state_dict()
-            self.scheduler = make_scheduler(self.optimizer.optimizer, self.t, self.total_steps, s.lr_phase)
+            self.scheduler = make_scheduler(self.optimizer.optimizer, self.train_cfg, self.total_steps, s.lr_phase)
             self.scheduler.load_state_dict(saved)
 
     def _record_config_change(self) -> None:
