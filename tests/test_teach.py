@@ -126,3 +126,29 @@ def test_other_errors_name_the_flag_or_key(tmp_path, capsys, saved_base):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (extra, err)
     assert not (tmp_path / "o").exists()  # nothing was written before the errors
+
+
+def test_train_from_starts_from_the_saved_adapter(tmp_path, saved_base, monkeypatch):
+    import torch
+
+    from memory_transformer import load_config
+    from memory_transformer.io import save_model, trained_state
+    from memory_transformer.teach import train_from
+    from memory_transformer.train.trainer import Trainer
+
+    base = saved_base("qwen2")
+    raw = {"model": {"pretrained": str(base), "max_seq_len": 32},
+           "memory": {"num_tokens": 16, "num_chapters": 1, "top_k": 1, "num_heads": 4, "layers": "last:1"},
+           "data": {"num_people": 2}, "training": {"max_steps": 1, "batch_size": 2, "log_with": ["none"]}}
+    first = build_model(load_config(raw)).eval()
+    with torch.no_grad():
+        for p in first.memory.parameters():
+            p.normal_()
+    save_model(first, tmp_path / "round-1")
+    monkeypatch.setattr(Trainer, "train", lambda self: trained_state(self.unwrapped))
+    cfg = load_config(raw, [f"training.output_dir={tmp_path / 'round-2'}"])
+    started = train_from(cfg, tmp_path / "round-1")
+    expected = trained_state(first)
+    assert started.keys() == expected.keys() and all(torch.equal(started[k], expected[k]) for k in expected)
+    fresh = train_from(load_config(raw, [f"training.output_dir={tmp_path / 'fresh'}"]))
+    assert not all(torch.equal(fresh[k], expected[k]) for k in expected)

@@ -112,6 +112,18 @@ def teach(base: str, data: str, out: str, config: str | None = None, overrides: 
     return result
 
 
+def train_from(cfg: Config, init: str | Path | None = None) -> dict:
+    """Train `cfg` starting from the trained weights (memory, LoRA) saved in `init`: teaching in rounds, each round
+    on its own documents. Without `init`, exactly `train(cfg)`."""
+    from memory_transformer.io import load_weights
+    from memory_transformer.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if init is not None:
+        load_weights(trainer.unwrapped, Path(init))  # in place: the optimizer keeps the same tensors
+    return trainer.train()
+
+
 def evaluate_taught(run: Path, pairs: list[RecallItem], aliases: list[RecallItem] | None, background: int,
                     seed: int) -> dict:
     """New-fact recall (and the base's before), alias recall, KL to the base on `background` samples of the base
