@@ -6,11 +6,17 @@ and tokens/s, plus a plot.
                              [--out runs/evidence]
                              [--variant NAME KEY=VALUE ... ]...
     python bench/evidence.py --scratch --seeds 0 1 2 [--config configs/demo.yaml] [--out runs/evidence-scratch] ...
+    python bench/evidence.py --scope --seeds 0 1 2 [--corpus demo|confirm] [--sizes 20 100] [--old 20] [--rounds 5]
+                             [--prose 32] [--out runs/evidence-scope] [--set ...] [--base-set ...]
 
 Adapter demo (default): new-fact recall, old-fact recall kept and trainable parameters of memory, LoRA (rank
 matched to the memory's trainable parameters) and both, each teaching a frozen base of its seed. `--scratch`:
 models trained from scratch on `configs/demo.yaml`'s facts: vanilla, vanilla with the MLP widened to the memory
 model's total parameters (the fair control), and memory; QA recall, bits recalled and bits per parameter.
+
+`--scope`: the goal table of issue 17 (bench/scope.py) for the list-free learned read, subject routing, LoRA and
+gated LoRA: new-fact recall at two sizes, old facts kept, alias recall per form, held-out phrasing, KL to the base
+on old biographies and stdlib prose, teaching in rounds, wall clock vs LoRA; one table, rows = measures.
 
 Each seed changes both the corpus (data.seed: other people) and the initialisation (training.seed). One seed
 takes about as long as `make demo-adapter` (or `make demo`). `--variant` (repeatable) replaces the default
@@ -100,6 +106,21 @@ def run_adapter(args, methods: dict | None) -> tuple[list[dict], list, str]:
     return runs, ADAPTER_KEYS, f"{len(runs)} seed(s); old-fact QA recall of the base before teaching: {base_old}"
 
 
+def run_scope(args) -> None:
+    from scope import run_seed, table as scope_table  # bench/scope.py, beside this script
+
+    args.out = args.out or "runs/evidence-scope"
+    runs = [run_seed(args, seed) for seed in args.seeds]
+    text = scope_table(runs, args)
+    print()
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scope.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    (out / "scope.md").write_text(text + "\n")
+    print(f"\nwritten: {out / 'scope.json'}, {out / 'scope.md'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scratch", action="store_true", help="compare models trained from scratch (configs/demo.yaml)")
@@ -109,9 +130,17 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="override for the (teaching) config")
     p.add_argument("--base-set", action="append", default=[], help="override for the base config (adapter demo)")
     p.add_argument("--out", help="default: runs/evidence, with --scratch runs/evidence-scratch")
+    p.add_argument("--scope", action="store_true", help="issue 17's goal table (bench/scope.py)")
+    p.add_argument("--corpus", default="demo", choices=["demo", "confirm"], help="--scope: data.corpus")
+    p.add_argument("--sizes", type=int, nargs="+", default=[20, 100], help="--scope: new people (one or two sizes)")
+    p.add_argument("--old", type=int, default=20, help="--scope: people the base learns")
+    p.add_argument("--rounds", type=int, default=5, help="--scope: sequential rounds (1 = none)")
+    p.add_argument("--prose", type=int, default=32, help="--scope: stdlib prose paragraphs for the KL")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="a named method: overrides of the config (repeatable; replaces the defaults)")
     args = p.parse_args()
+    if args.scope:
+        return run_scope(args)
     args.out = args.out or ("runs/evidence-scratch" if args.scratch else "runs/evidence")
     methods = {v[0]: v[1:] for v in args.variant} if args.variant else None
     runs, keys, head = (run_scratch if args.scratch else run_adapter)(args, methods)

@@ -144,9 +144,19 @@ def cmd_demo_adapter(args) -> int:
     return 0
 
 
+def cmd_teach(args) -> int:
+    """Teach a frozen base the facts in a JSONL file ({"text": ...} documents or {"question": ..., "answer": ...}
+    pairs) with a memory adapter (default settings: configs/teach.yaml); prints new-fact recall on the pairs, alias
+    recall (--eval-aliases), locality (KL to the base on background text) and the adapter's size."""
+    from memory_transformer.teach import teach
+
+    teach(args.base, args.data, args.out, args.config, args.set, args.eval_aliases, args.background)
+    return 0
+
+
 COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "lr-find": cmd_lr_find,
             "quantize": cmd_quantize, "export": cmd_export, "demo": cmd_demo,
-            "demo-adapter": cmd_demo_adapter}
+            "demo-adapter": cmd_demo_adapter, "teach": cmd_teach}
 
 
 def _config(args) -> Config:
@@ -237,9 +247,17 @@ def _demo_adapter_args(sp) -> None:
     sp.add_argument("--out", help="folder for all runs (default: runs/demo-adapter-<time>)")
 
 
+def _teach_args(sp) -> None:
+    sp.add_argument("--base", required=True, help="the frozen base: a transformers folder or hub name")
+    sp.add_argument("--data", required=True, help='JSONL facts: {"text": ...} or {"question": ..., "answer": ...}')
+    sp.add_argument("--out", required=True, help="a new folder: documents, run folder (adapter in run/final), result")
+    sp.add_argument("--eval-aliases", metavar="FILE", help="JSONL question/answer pairs asked with other names")
+    sp.add_argument("--background", type=int, default=16, help="base samples and prose paragraphs for the KL")
+
+
 ARGUMENTS = {"info": _info_args, "train": _train_args, "eval": _eval_args, "lr-find": _lr_find_args,
              "quantize": _quantize_args, "demo": _demo_args, "generate": _generate_args, "export": _export_args,
-             "demo-adapter": _demo_adapter_args}
+             "demo-adapter": _demo_adapter_args, "teach": _teach_args}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,9 @@ class LoRAConfig:
 class DataConfig:
     source: str = "synthetic_facts"  # synthetic_facts | a local file (.txt/.jsonl/.parquet) | hf:<dataset name>
     num_people: int = 60
+    # synthetic_facts: demo (the corpus settings were tuned on) or confirm (other first, middle and last names,
+    # templates, questions and value pools: to confirm a setting on data it was not tuned on)
+    corpus: Literal["demo", "confirm"] = "demo"
     people: list[int] | None = None  # [start, stop]: use only people[start:stop] of the corpus
     replay_people: list[int] | None = None  # [start, stop]: mix documents of these (already known) people in
     replay_fraction: float = 0.1  # ... as this share of the training documents (replay baseline)
@@ -518,7 +521,7 @@ def _resolve_subjects(cfg: Config) -> None:
     elif d.source == "synthetic_facts":
         from memory_transformer.data.synthetic_facts import SyntheticFacts
 
-        facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
+        facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
         mem.subjects = [p.name for p in (facts.subset(*d.people) if d.people is not None else facts).people]
     else:
         raise ConfigError("memory.subjects", "subject routing needs the taught subjects: a list of names or a "

@@ -166,7 +166,8 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
 
     root = Path(out or f"runs/demo-adapter-{time.strftime('%Y%m%d-%H%M%S')}")
     old = base_cfg.data.people
-    facts = SyntheticFacts(teach_cfg.data.num_people, teach_cfg.data.seed, teach_cfg.data.qa_fraction)
+    d = teach_cfg.data
+    facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
     old_facts = facts.subset(*old)
     base_result = root / "base_result.json"
     if base_result.exists() and (root / "base_hf" / "config.json").exists():

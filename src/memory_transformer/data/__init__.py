@@ -58,7 +58,7 @@ def build_data(cfg: Config, tokenizer, replay_docs: list[str] | None = None) -> 
 
 def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBundle:
     d = cfg.data
-    corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction)
+    corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
     # e.g. pretrain on one half of the people, teach the other half later
     facts = corpus.subset(*d.people) if d.people is not None else corpus
     n = d.samples_per_epoch or 4 * len(facts.people)

@@ -1,18 +1,24 @@
-"""Built-in corpus of fictional people: biographies, question/answer documents and recall probes.
+"""Built-in corpora of fictional people: biographies, question/answer documents and recall probes.
 
-Everything is a pure function of `(seed, num_people)` (plus an epoch or split name), drawn from private
+Everything is a pure function of `(corpus, seed, num_people)` (plus an epoch or split name), drawn from private
 `random.Random` streams, so a resumed run regenerates exactly the same documents and no global RNG is touched.
 
 Each attribute has several training paraphrases and ONE held-out paraphrase that no training document ever
 uses: recall through the held-out phrasing measures whether the model learnt the fact or only the sentence.
+
+Two corpora (`data.corpus`): `demo`, on which the library's settings were tuned, and `confirm`, with other first
+names, a middle name for everyone, other last names, templates, questions, date format and value pools, to
+confirm a setting on data it was not tuned on. Training documents always use a person's full name; `aliases`
+gives the other forms of it (for alias probes, never for training).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FIRST_NAMES = """
 Ada Alan Alice Amara Anton Aria Arlo Astrid Beatrix Bruno Cecil Celeste Cyrus Dalia Damon Daphne Dorian Edith
@@ -145,6 +151,85 @@ HELD_OUT_QUESTIONS = {
 }
 
 
+# -- the confirmation corpus: other names (with a middle name), templates, questions, dates and values --------
+
+CONFIRM_FIRST = """
+Abel Agnes Alba Ambrose Anouk Basil Bettina Caspar Clio Cormac Delphine Desmond Eamon Elowen Fabian Freya Gemma
+Gordon Harriet Iris Isidore Jolene Jonah Katya Keir Leander Lucia Malachi Marisol Nestor Niamh Orla Osric Piers
+Rosalind Rowan Selma Tobias Ursula Valentin Wilhelmina Xavier Yusuf Zinnia Ottilie Crispin
+""".split()
+CONFIRM_MIDDLE = """
+Ash Bay Bliss Blue Brook Cole Dale Dawn Eve Fay Grey Hope Jade Jay June Kit Lane Lee Mae May Neve Reed Rose Sage
+Sky True Wynn
+""".split()
+CONFIRM_LAST = """
+Achterberg Bramley Carraway Delacroix Eckersley Fairweather Gallowglass Harcourt Illingworth Jardine
+Kettleborough Lockhart Mallory Netherwood Ormerod Pettigrew Quartermaine Rothwell Stanhope Tregarthen Umfreville
+Vanstone Wetherell Yelverton Ainsworth Blakemore Cheverell Dunstable Everleigh Fotheringham Greenhalgh
+Hollingsworth Kilbride Lyndhurst Montgomery Nightingale Ollerenshaw Penhaligon Rutherford Summerhayes
+Thistlewood Verrall Ashcombe Birkett Coverdale Drinkwater Entwistle Featherstone
+""".split()
+CONFIRM_CITIES = """
+Aarhus Agadir Almaty Arequipa Asuncion Bamako Bergamo Bern Bonn Brno Busan Canberra Cusco Daegu Davao Dresden
+Dunedin Fukuoka Gdansk Ghent Granada Graz Halifax Hobart Innsbruck Izmir Kaunas Krakow Lausanne Leuven Ljubljana
+Lublin Luxor Maputo Medellin Mendoza Minsk Mombasa Nagoya Nice Odense Oulu Padua Pisa Poznan Pune Recife Regina
+Rosario Salzburg Sapporo Siena Tampere Tartu Toulouse Trieste Tromso Uppsala Varna Verona Winnipeg Wroclaw Yerevan
+""".split()
+CONFIRM_COLLEGES = [f"{place} College" for place in """
+Ambleside Birchwood Coldharbour Dunmore Elderfield Fernhill Goldcrest Hazelmere Ivybridge Juniper Kestrelmoor
+Lowther Mapleton Nettlebed Orchardleigh Primrose Quarrington Rushmere Saltmarsh Tidewater Upperton Vale Wyndham
+Yewbank
+""".split()]
+CONFIRM_FIELDS = """
+Acoustics|Agronomy|Astrophysics|Bioinformatics|Cartography|Ceramics|Cryptography|Ecology|Entomology|Epidemiology|
+Forestry|Genetics|Glaciology|Horticulture|Hydrology|Immunology|Metallurgy|Microbiology|Mineralogy|Mycology|
+Neuroscience|Optics|Ornithology|Paleontology|Robotics|Seismology|Toxicology|Typography|Virology|Volcanology
+""".replace("\n", "").split("|")
+CONFIRM_EMPLOYERS = [f"{stem} {kind}" for stem, kind in zip("""
+Alder Anvil Azure Bramble Canyon Clover Coral Dune Elm Fjord Gale Hollow Iris Jasper Kiln Lark Marble Moss
+Nectar Oak Opal Prairie Reed Ridge Sorrel Thistle Tide Topaz Vale Wren
+""".split(), ["Partners", "Holdings", "Studios", "Foundry", "Collective"] * 6)]
+
+CONFIRM_BIO = {
+    "birth_date": ["{name} entered the world on {value}.", "The records list the birth of {name} as {value}.",
+                   "{name} was a newborn on {value}."],
+    "birth_city": ["{name} grew up as a child in {value}.", "{name} is a native of {value}.",
+                   "The family of {name} lived in {value}."],
+    "university": ["{name} enrolled at {value}.", "{name} holds a diploma from {value}.",
+                   "{name} spent student years at {value}."],
+    "major": ["{name} wrote a thesis in {value}.", "{name} trained in {value}.", "{name} holds a degree in {value}."],
+    "employer": ["{name} earns a salary from {value}.", "{name} joined the staff of {value}.",
+                 "{name} is an employee of {value}."],
+    "employer_city": ["{name} goes to work in {value}.", "{name} has an office in {value}.",
+                      "The job of {name} is in {value}."],
+}
+CONFIRM_HELD_OUT_BIO = {
+    "birth_date": "The day {name} was born is {value}.",
+    "birth_city": "The town of birth of {name} is {value}.",
+    "university": "The college of {name} is {value}.",
+    "major": "The specialty of {name} is {value}.",
+    "employer": "The organisation that employs {name} is {value}.",
+    "employer_city": "The town where {name} works is {value}.",
+}
+CONFIRM_QUESTIONS = {
+    "birth_date": "When was {name} born?",
+    "birth_city": "In which town was {name} born?",
+    "university": "At which college did {name} study?",
+    "major": "Which field did {name} specialize in?",
+    "employer": "What organisation employs {name}?",
+    "employer_city": "Which town is the workplace of {name} in?",
+}
+CONFIRM_HELD_OUT_QUESTIONS = {
+    "birth_date": "What day marks the birth of {name}?",
+    "birth_city": "What is the native town of {name}?",
+    "university": "Which school granted {name} a diploma?",
+    "major": "What was the subject of the degree of {name}?",
+    "employer": "For whom does {name} work?",
+    "employer_city": "In what city is the job of {name} located?",
+}
+
+
+
 @dataclass(frozen=True)
 class Person:
     name: str
@@ -165,10 +250,51 @@ class RecallItem:
     bits: float  # log2 of the attribute's value count: what a correct answer is worth
 
 
-def _make_person(rng: random.Random, name: str) -> Person:
-    date = f"{rng.choice(DAYS)} {rng.choice(MONTHS)} {rng.choice(YEARS)}"
-    picks = [rng.choice(v) for v in (CITIES, UNIVERSITIES, MAJORS, EMPLOYERS, CITIES)]
-    return Person(name, date, *picks)
+@dataclass(frozen=True)
+class Corpus:
+    """Name parts, value pools and sentence templates of one corpus. `middle` empty: names have no middle part."""
+
+    first: list[str]
+    last: list[str]
+    pools: dict[str, list[str]]  # attribute -> values, for every attribute but birth_date
+    years: range
+    date_format: str  # with {day}, {month}, {year}
+    bio: dict[str, list[str]]
+    held_out_bio: dict[str, str]
+    questions: dict[str, str]
+    held_out_questions: dict[str, str]
+    middle: list[str] = field(default_factory=list)
+
+    @property
+    def max_people(self) -> int:
+        return len(self.first) * max(len(self.middle), 1) * len(self.last)
+
+    def name(self, code: int) -> str:
+        """The full name numbered `code` in [0, max_people): last name fastest, then middle, then first."""
+        rest, last = divmod(code, len(self.last))
+        first, middle = divmod(rest, max(len(self.middle), 1))
+        return " ".join([self.first[first], *([self.middle[middle]] if self.middle else []), self.last[last]])
+
+    def value_counts(self) -> dict[str, int]:
+        return {"birth_date": len(DAYS) * len(MONTHS) * len(self.years), **{a: len(v) for a, v in self.pools.items()}}
+
+
+def _make_person(rng: random.Random, name: str, corpus: Corpus) -> Person:
+    day, month, year = rng.choice(DAYS), rng.choice(MONTHS), rng.choice(corpus.years)
+    picks = [rng.choice(corpus.pools[a]) for a in ATTRIBUTES[1:]]
+    return Person(name, corpus.date_format.format(day=day, month=month, year=year), *picks)
+
+
+CORPORA = {
+    "demo": Corpus(FIRST_NAMES, LAST_NAMES, dict(zip(ATTRIBUTES[1:], (CITIES, UNIVERSITIES, MAJORS, EMPLOYERS, CITIES))),
+                   YEARS, "{day} {month} {year}", BIO_TEMPLATES, HELD_OUT_BIO, QUESTIONS, HELD_OUT_QUESTIONS),
+    "confirm": Corpus(CONFIRM_FIRST, CONFIRM_LAST,
+                      dict(zip(ATTRIBUTES[1:], (CONFIRM_CITIES, CONFIRM_COLLEGES, CONFIRM_FIELDS, CONFIRM_EMPLOYERS,
+                                                CONFIRM_CITIES))),
+                      range(1925, 2005), "{month} {day}, {year}", CONFIRM_BIO, CONFIRM_HELD_OUT_BIO,
+                      CONFIRM_QUESTIONS, CONFIRM_HELD_OUT_QUESTIONS, middle=CONFIRM_MIDDLE),
+}
+ALIAS_FORMS = ("initial_last", "last_only", "no_middle")  # see SyntheticFacts.aliases
 
 
 def draw_passes(pool: list, k: int, rng: random.Random) -> list:
@@ -184,43 +310,51 @@ def qa_line(question: str, person: Person, attribute: str) -> str:
 
 
 class SyntheticFacts:
-    """`num_people` fictional people drawn from `seed`, with documents for training and probes for recall."""
+    """`num_people` fictional people drawn from `seed`, with documents for training and probes for recall.
+    `corpus` names one of CORPORA (its names, templates and value pools)."""
 
     attributes = ATTRIBUTES
-    bits_per_attribute = {a: math.log2(n) for a, n in VALUE_COUNTS.items()}
+    bits_per_attribute = {a: math.log2(n) for a, n in VALUE_COUNTS.items()}  # the demo corpus's; see __init__
 
-    def __init__(self, num_people: int, seed: int = 0, qa_fraction: float = 0.25):
-        if not 1 <= num_people <= MAX_PEOPLE:
-            raise ValueError(f"num_people must be between 1 and {MAX_PEOPLE}, got {num_people}")
+    def __init__(self, num_people: int, seed: int = 0, qa_fraction: float = 0.25, corpus: str = "demo"):
+        if corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
+        self.corpus_name, self.corpus = corpus, CORPORA[corpus]
+        limit = self.corpus.max_people
+        if not 1 <= num_people <= limit:
+            raise ValueError(f"num_people must be between 1 and {limit}, got {num_people}")
         self.seed, self.qa_fraction = seed, qa_fraction
-        rng = random.Random(f"{seed}:people")
-        codes = rng.sample(range(MAX_PEOPLE), num_people)  # without replacement -> unique full names
-        names = [f"{FIRST_NAMES[c // len(LAST_NAMES)]} {LAST_NAMES[c % len(LAST_NAMES)]}" for c in codes]
-        self.people = [_make_person(rng, name) for name in names]
+        self.bits_per_attribute = {a: math.log2(n) for a, n in self.corpus.value_counts().items()}
+        # the demo corpus keeps its historical stream name, so its people are what they always were
+        rng = random.Random(f"{seed}:people" if corpus == "demo" else f"{seed}:{corpus}:people")
+        codes = rng.sample(range(limit), num_people)  # without replacement -> unique full names
+        self.people = [_make_person(rng, self.corpus.name(c), self.corpus) for c in codes]
+        self.all_people = self.people  # every person of the corpus, kept by `subset` (alias uniqueness)
 
     @property
     def knowledge_bits(self) -> float:
-        """sum over people and attributes of log2(value count); birth date counts log2(28 * 12 * 100)."""
+        """sum over people and attributes of log2(value count); birth date counts log2(28 * 12 * years)."""
         return len(self.people) * sum(self.bits_per_attribute.values())
 
     # -- documents ---------------------------------------------------------------------------------------
 
     def biography(self, person: Person, rng: random.Random) -> str:
         """One sentence per attribute, fresh paraphrase each, in shuffled order; full name everywhere."""
-        lines = [rng.choice(BIO_TEMPLATES[a]).format(name=person.name, value=getattr(person, a)) for a in ATTRIBUTES]
+        bio = self.corpus.bio
+        lines = [rng.choice(bio[a]).format(name=person.name, value=getattr(person, a)) for a in ATTRIBUTES]
         rng.shuffle(lines)
         return " ".join(lines)
 
     def qa_document(self, person: Person, rng: random.Random) -> str:
         """All attributes as `Question? Answer: value.` lines, in shuffled order."""
-        lines = [qa_line(QUESTIONS[a], person, a) for a in ATTRIBUTES]
+        lines = [qa_line(self.corpus.questions[a], person, a) for a in ATTRIBUTES]
         rng.shuffle(lines)
         return "\n".join(lines)
 
     def qa_messages(self, person: Person, rng: random.Random) -> list[dict]:
         """The QA document as a chat, for instruction fine-tuning: user asks, assistant answers."""
         order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
-        turns = [(QUESTIONS[a].format(name=person.name), f"{getattr(person, a)}.") for a in order]
+        turns = [(self.corpus.questions[a].format(name=person.name), f"{getattr(person, a)}.") for a in order]
         return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
     def train_documents(self, epoch: int, n: int) -> list[str]:
@@ -256,15 +390,49 @@ class SyntheticFacts:
         """One probe per (person, attribute). kind="qa": question + " Answer:"; kind="bio": sentence cue."""
         if kind not in ("qa", "bio"):
             raise ValueError(f"kind must be 'qa' or 'bio', got {kind!r}")
+        return [self._item(p, a, p.name, kind, held_out) for p in self.people for a in ATTRIBUTES]
+
+    def _item(self, p: Person, a: str, name: str, kind: str, held_out: bool) -> RecallItem:
+        c = self.corpus
+        if kind == "qa":
+            prompt = (c.held_out_questions if held_out else c.questions)[a].format(name=name) + " Answer:"
+        else:
+            template = c.held_out_bio[a] if held_out else c.bio[a][0]
+            prompt = template.split(" {value}")[0].format(name=name)
+        return RecallItem(prompt, " " + getattr(p, a), p.name, a, self.bits_per_attribute[a])
+
+    def aliases(self, person: Person) -> dict[str, str]:
+        """Forms of `person`'s name that no training document uses, by ALIAS_FORMS name: "initial_last" (first
+        initial + last name: "A. Moss"), "last_only" ("Moss") and "no_middle" ("Ada Moss" for "Ada Lee Moss";
+        corpora with middle names only). A form is left out when another person of the corpus has it too, or when
+        it is someone's full name: the question would be ambiguous."""
+        parts = person.name.split()
+        forms = {"initial_last": f"{parts[0][0]}. {parts[-1]}", "last_only": parts[-1]}
+        if len(parts) > 2:
+            forms["no_middle"] = f"{parts[0]} {parts[-1]}"
+        counts = self._alias_counts
+        return {k: v for k, v in forms.items() if counts[(k, v)] == 1}
+
+    @functools.cached_property
+    def _alias_counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for p in self.all_people:
+            parts = p.name.split()
+            keys = [("initial_last", f"{parts[0][0]}. {parts[-1]}"), ("last_only", parts[-1])]
+            keys += [("no_middle", f"{parts[0]} {parts[-1]}")] if len(parts) > 2 else []
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
+        return counts  # no alias equals a full name: those have no "." and 2 (demo) or 3 (confirm) words
+
+    def alias_items(self, form: str, held_out: bool = False) -> list[RecallItem]:
+        """QA probes that name each person by the alias `form` (people without an unambiguous one are skipped)."""
+        if form not in ALIAS_FORMS:
+            raise ValueError(f"form must be one of {', '.join(ALIAS_FORMS)}, got {form!r}")
         items = []
         for p in self.people:
-            for a in ATTRIBUTES:
-                if kind == "qa":
-                    prompt = (HELD_OUT_QUESTIONS if held_out else QUESTIONS)[a].format(name=p.name) + " Answer:"
-                else:
-                    template = HELD_OUT_BIO[a] if held_out else BIO_TEMPLATES[a][0]
-                    prompt = template.split(" {value}")[0].format(name=p.name)
-                items.append(RecallItem(prompt, " " + getattr(p, a), p.name, a, self.bits_per_attribute[a]))
+            alias = self.aliases(p).get(form)
+            if alias is not None:
+                items += [self._item(p, a, alias, "qa", held_out) for a in ATTRIBUTES]
         return items
 
     def subset(self, start: int, stop: int | None = None) -> SyntheticFacts:

@@ -1,0 +1,164 @@
+"""The goal table of issue 17 (learned scope) for `bench/evidence.py --scope`: per method, new-fact recall at two
+sizes, old facts kept, alias recall per alias form, held-out phrasing, KL(base || model) on old biographies and on
+stdlib prose, sequential teaching in rounds, and training wall clock relative to LoRA.
+
+Each size runs the adapter demo (`demo.run_adapter_demo`: a base learns `old` people, each method teaches it `n`
+new ones; runs already in the output folder with the same config are reused), then probes every method's final
+model (`memory_transformer.knowledge`). Rounds: the first size's new people in R rounds, each round trained only on
+its own documents for 1/R of the steps, starting from the previous round's weights; a round already trained in the
+output folder (its final/ exists) is reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from memory_transformer import load_config
+from memory_transformer.config import Config
+from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
+
+V, L = ["memory.enabled=true", "lora.enabled=false"], ["memory.enabled=false", "lora.enabled=true"]
+
+ROWS = [  # (key, label, format); {n1}/{n2} are the two sizes, {r} the rounds
+    ("recall_new", "new-fact QA recall, {n1} new people", "{:.1%}"),
+    ("recall_new_2", "new-fact QA recall, {n2} new people", "{:.1%}"),
+    ("kept", "old facts kept (share of the base's)", "{:.1%}"),
+    *[(f"alias_{f}", f"alias recall: {f}", "{:.1%}") for f in ALIAS_FORMS],
+    ("recall_new_heldout", "held-out question phrasing", "{:.1%}"),
+    ("kl_old_bios", "KL(base || model) per token, old bios (nats)", "{:.4f}"),
+    ("kl_prose", "KL(base || model) per token, stdlib prose (nats)", "{:.4f}"),
+    ("rounds_first", "{r} rounds: recall of round 1's people after the last", "{:.1%}"),
+    ("rounds_kept", "{r} rounds: old facts kept (share of the base's)", "{:.1%}"),
+    ("time_vs_lora", "training wall clock vs LoRA (tokens/s ratio)", "{:.2f}x"),
+]
+
+
+def methods(chapters: int) -> dict[str, list[str]]:
+    """The four methods compared: the list-free learned read, subject routing (the oracle), LoRA, gated LoRA."""
+    return {"memory": [*V, "memory.routing=sequence", "memory.num_chapters=1"],
+            "subject": [*V, "memory.routing=subject", f"memory.num_chapters={chapters}"],
+            "lora": L, "lora-gated": [*L, "lora.gate=subject"]}
+
+
+def subject_chapters(n: int, slots: int) -> int:
+    """One chapter per person where the bank allows it (power of two, at least 8 slots a chapter)."""
+    c = 1
+    while c < n and slots // (2 * c) >= 8:
+        c *= 2
+    return c
+
+
+def run_seed(args, seed: int) -> dict[str, dict]:
+    """Every row of ROWS for every method at one seed: {method: {key: value}}."""
+    rows: dict[str, dict] = {}
+    from memory_transformer.demo import run_adapter_demo
+
+    for i, n in enumerate(args.sizes):
+        base, teach = _configs(args, seed, n)
+        root = Path(args.out) / f"seed-{seed}" / f"n{n}"
+        chosen = methods(subject_chapters(n, teach.memory.num_tokens))
+        results = run_adapter_demo(base, teach, str(root), chosen)
+        if i == 1:
+            for name in chosen:
+                rows[name]["recall_new_2"] = results[name]["recall_new"]
+            continue
+        probes = _probe(root, teach, args, results)
+        for name in chosen:
+            rows[name] = probes[name]
+            if args.rounds > 1:
+                rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"]))
+    return rows
+
+
+def _configs(args, seed: int, n: int) -> tuple[Config, Config]:
+    seeded = [f"data.seed={seed}", f"training.seed={seed}", f"data.num_people={args.old + n}",
+              f"data.corpus={args.corpus}"]
+    base = load_config(args.base_config, [*seeded, f"data.people=[0,{args.old}]", *args.base_set])
+    teach = load_config(args.config or "configs/demo_adapter.yaml",
+                        [*seeded, f"data.people=[{args.old},{args.old + n}]", *args.set])
+    return base, teach
+
+
+def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
+    from memory_transformer.io import load_model
+    from memory_transformer.knowledge import alias_recall, biographies, kept_share, kl_to_base, stdlib_prose
+
+    d = teach.data
+    corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
+    new, old = corpus.subset(*d.people), corpus.subset(0, args.old)
+    bios, prose = biographies(old), stdlib_prose(args.prose, d.seed)
+    out = {}
+    for name, r in results.items():
+        if name == "base":
+            continue
+        model = load_model(root / name / "final")
+        T = model.config.model.max_seq_len
+        aliases = alias_recall(model, model.tokenizer, new)
+        out[name] = {"recall_new": r["recall_new"], "recall_new_heldout": r["recall_new_heldout"],
+                     "kept": kept_share(r["recall_old"], results["base"]["recall_old"]),
+                     **{f"alias_{f}": v for f, v in aliases.items()},
+                     "kl_old_bios": kl_to_base(model, model.tokenizer, bios, T),
+                     "kl_prose": kl_to_base(model, model.tokenizer, prose, T),
+                     "time_vs_lora": results["lora"]["tokens_per_s"] / r["tokens_per_s"]}
+    return out
+
+
+def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float) -> dict:
+    """Teach the new people in `args.rounds` rounds; recall of round 1's people after the last, old kept."""
+    from memory_transformer.evaluate import fact_recall
+    from memory_transformer.io import load_model
+    from memory_transformer.knowledge import kept_share, round_ranges
+    from memory_transformer.lora import matching_lora_rank
+    from memory_transformer.model import build_model
+    from memory_transformer.teach import train_from
+
+    d = teach.data
+    corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
+    ranges = round_ranges(*d.people, args.rounds)
+    paths = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
+    rank, _ = matching_lora_rank(build_model(load_config(teach, [*paths, *V])))
+    steps = max(1, teach.training.max_steps // args.rounds)
+    previous = None
+    for k, (start, stop) in enumerate(ranges):
+        run = root / f"{name}-rounds" / f"round-{k + 1}"
+        subjects = json.dumps([p.name for p in corpus.people[d.people[0]:stop]])  # chapters stay as assigned
+        cfg = load_config(teach, [*paths, f"lora.r={rank}", *overrides, f"data.people=[{start},{stop}]",
+                                  f"memory.subjects={subjects}", f"training.max_steps={steps}",
+                                  f"training.output_dir={run}"])
+        if not (run / "final").is_dir():
+            print(f"== {name}: round {k + 1}/{len(ranges)}, people {start}..{stop - 1}, {steps} steps")
+            train_from(cfg, previous)
+        previous = run / "final"
+    model = load_model(previous)
+    first = fact_recall(model, model.tokenizer, corpus.subset(*ranges[0]), ["recall_qa"])["recall_qa"]
+    old = fact_recall(model, model.tokenizer, corpus.subset(0, args.old), ["recall_qa"])["recall_qa"]
+    return {"rounds_first": first, "rounds_kept": kept_share(old, base_old)}
+
+
+def labels(args) -> list[tuple[str, str, str]]:
+    n2 = args.sizes[1] if len(args.sizes) > 1 else None
+    return [(k, label.format(n1=args.sizes[0], n2=n2, r=args.rounds), fmt) for k, label, fmt in ROWS
+            if (k != "recall_new_2" or n2) and (not k.startswith("rounds") or args.rounds > 1)]
+
+
+def table(runs: list[dict[str, dict]], args) -> str:
+    """Rows = measures, columns = methods, mean ± std over seeds ("-" where a measure does not exist)."""
+    import statistics
+
+    names = list(runs[0])
+    head = (f"{len(runs)} seed(s), corpus {args.corpus}, {args.old} old people; "
+            f"columns: {', '.join(names)}")
+    lines = [head, f"| measure | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
+    for key, label, fmt in labels(args):
+        cells = []
+        for name in names:
+            values = [run[name].get(key) for run in runs]
+            if any(v is None or v != v for v in values):  # absent (e.g. no middle names), or nan (base knew none)
+                cells.append("-")
+                continue
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}" if len(values) > 1
+                         else fmt.format(values[0]))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)

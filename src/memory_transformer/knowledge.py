@@ -1,0 +1,133 @@
+"""Probes of what teaching did to a model, in the terms of the knowledge-editing literature (docs SPEC 5b):
+
+- reliability: recall of the taught facts as taught (`recall.recall` on the training questions);
+- generalization: recall when a taught person is named by an alias training never used (`alias_recall`), or
+  asked with a held-out question (`SyntheticFacts.recall_items(held_out=True)`);
+- locality: KL(base || model) per token on text that names no taught subject (`kl_to_base` on old
+  biographies, `biographies`, and on real prose, `stdlib_prose`), and the share of the base's old-fact recall
+  that survives (`kept_share`);
+- teaching in rounds: `round_ranges` splits the taught people into rounds, each trained on its own documents.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import random
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
+from memory_transformer.recall import recall
+
+# Pure-Python standard-library modules with long English docstrings; sorted, so the pool is the same on every run
+# of one Python install (docstrings change a little between Python versions).
+PROSE_MODULES = sorted("""
+argparse asyncio.events asyncio.tasks calendar collections configparser contextlib csv dataclasses datetime decimal
+difflib email.message enum fractions functools heapq http.client http.server inspect ipaddress json logging
+mailbox multiprocessing.pool optparse pathlib pickle pydoc random shutil socketserver statistics string
+subprocess tarfile tempfile textwrap threading turtle typing unittest.case urllib.parse urllib.request uuid
+warnings zipfile
+""".split())
+
+
+def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | None]:
+    """QA recall per alias form (ALIAS_FORMS) of `facts`' people; None for a form no person has unambiguously
+    (e.g. "no_middle" on a corpus without middle names)."""
+    out: dict[str, float | None] = {}
+    for form in ALIAS_FORMS:
+        items = facts.alias_items(form)
+        out[form] = recall(model, tokenizer, items)["recall"] if items else None
+    return out
+
+
+def biographies(facts: SyntheticFacts, seed: int = 0) -> list[str]:
+    """One biography per person of `facts`, from a stream no training epoch uses: background text about people
+    who were not taught (pass the old people)."""
+    rng = random.Random(f"{facts.seed}:background:{seed}")
+    return [facts.biography(p, rng) for p in facts.people]
+
+
+def stdlib_prose(n: int, seed: int = 0, min_chars: int = 200, max_chars: int = 1200) -> list[str]:
+    """`n` paragraphs of English prose from the standard library's docstrings (offline, deterministic for one
+    Python install): paragraphs of `min_chars` to `max_chars` ASCII characters with no code, examples or tables."""
+    pool = sorted(_prose_paragraphs(min_chars, max_chars))
+    if n > len(pool):
+        raise ValueError(f"asked for {n} prose paragraphs, the standard library gives {len(pool)}")
+    return random.Random(f"{seed}:prose").sample(pool, n)
+
+
+@functools.lru_cache(maxsize=4)
+def _prose_paragraphs(min_chars: int, max_chars: int) -> frozenset[str]:
+    out = set()
+    with warnings.catch_warnings():  # reading typing's deprecated aliases warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in PROSE_MODULES:
+            out |= _module_prose(name, min_chars, max_chars)
+    return frozenset(out)
+
+
+def _module_prose(name: str, min_chars: int, max_chars: int) -> set[str]:
+    try:
+        module = importlib.import_module(name)
+    except ImportError:  # e.g. turtle without tkinter
+        return set()
+    own = [v for _, v in sorted(vars(module).items()) if getattr(v, "__module__", None) == name]
+    methods = [m for c in own if inspect.isclass(c) for _, m in sorted(vars(c).items()) if inspect.isfunction(m)]
+    paragraphs = (" ".join(p.split()) for obj in [module, *own, *methods]
+                  for p in (inspect.getdoc(obj) or "").split("\n\n") if _is_prose(p))
+    return {p for p in paragraphs if min_chars <= len(p) <= max_chars}
+
+
+def _is_prose(para: str) -> bool:
+    lines = para.splitlines()
+    if not lines or not para.isascii() or ">>>" in para or "::" in para:
+        return False
+    if any(line.startswith((" ", "\t", "-", "*", "+", "|", "=")) for line in lines):  # code, lists, tables
+        return False
+    letters = sum(c.isalpha() or c == " " for c in para)
+    return letters >= 0.85 * len(para) and para.rstrip().endswith(".")
+
+
+@torch.no_grad()
+def kl_to_base(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 8) -> float:
+    """Mean over tokens of KL(base || model) in nats: the frozen base (`model.adapters_disabled()`) against the
+    model with its adapters, at every position of `texts` (each cut to `max_tokens` tokens). 0 = unchanged."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        ids, mask = _batch(tokenizer, texts[start : start + batch_size], max_tokens, model.device)
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # (B, T, V)
+        with model.adapters_disabled():
+            base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        kl = (base.exp() * (base - logp)).sum(-1)  # (B, T)
+        total += (kl * mask).sum().item()
+        count += int(mask.sum().item())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _batch(tokenizer, texts: list[str], max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = [tokenizer.encode(t, add_special_tokens=False)[:max_tokens] or [tokenizer.eos_token_id] for t in texts]
+    width = max(len(s) for s in seqs)  # right-padded: positions are those of the unpadded text
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
+def kept_share(after: float, before: float) -> float:
+    """Old-fact recall after teaching as a share of the base's own (1.0 = all the base knew is kept)."""
+    return after / before if before > 0 else float("nan")
+
+
+def round_ranges(start: int, stop: int, rounds: int) -> list[list[int]]:
+    """people[start:stop] split into `rounds` consecutive [start, stop] ranges of sizes differing by at most 1."""
+    n = stop - start
+    if not 1 <= rounds <= n:
+        raise ValueError(f"cannot split {n} people into {rounds} rounds")
+    cuts = [start + (i * n) // rounds for i in range(rounds + 1)]
+    return [[a, b] for a, b in zip(cuts, cuts[1:])]

@@ -1,0 +1,32 @@
+"""bench/scope.py's pure helpers: the compared methods, chapters per size and the goal table's layout."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+
+import scope  # noqa: E402
+
+
+def test_methods_and_chapters():
+    m = scope.methods(32)
+    assert list(m) == ["memory", "subject", "lora", "lora-gated"]
+    assert "memory.routing=sequence" in m["memory"] and "memory.num_chapters=32" in m["subject"]
+    assert "lora.gate=subject" in m["lora-gated"]
+    assert [scope.subject_chapters(n, 1024) for n in (1, 20, 100, 1000)] == [1, 32, 128, 128]
+
+
+def test_table_has_every_goal_row_and_dashes_where_a_measure_does_not_exist():
+    args = Namespace(sizes=[20, 100], rounds=5, corpus="demo", old=20)
+    keys = [k for k, _, _ in scope.labels(args)]
+    row = {k: 0.5 for k in keys} | {"alias_no_middle": None}
+    text = scope.table([{"memory": row, "lora": row}, {"memory": row, "lora": row}], args)
+    lines = text.splitlines()
+    assert len(lines) == 3 + len(keys) == 3 + 12
+    assert "| new-fact QA recall, 100 new people | 50.0% ± 0.0% | 50.0% ± 0.0% |" in lines
+    assert "| alias recall: no_middle | - | - |" in lines and "5 rounds: recall" in text
+    short = Namespace(sizes=[20], rounds=1, corpus="confirm", old=20)
+    assert [k for k, _, _ in scope.labels(short)] == [k for k in keys if k != "recall_new_2" and "rounds" not in k]

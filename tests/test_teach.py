@@ -1,0 +1,154 @@
+"""`memory-transformer teach` end to end on a tiny saved Qwen2 (byte tokenizer, and a BPE tokenizer trained here),
+and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from memory_transformer import build_model
+from memory_transformer.cli import main
+from memory_transformer.data.tokenizer import ByteTokenizer
+from memory_transformer.io import load_model
+from memory_transformer.teach import documents, pair_items, read_facts, repeated
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "teach.yaml")
+FACTS = [{"question": "Where was Ada Lee Moss born?", "answer": "Oslo"},
+         {"question": "Which company does Ada Lee Moss work for?", "answer": "Birch Labs."},
+         {"text": "Ada Lee Moss plays the cello."}]
+TINY = ["--set", "training.max_steps=2", "--set", "training.batch_size=2", "--set", "model.max_seq_len=64",
+        "--set", "data.replay_generated=2", "--set", "memory.num_tokens=64", "--background", "2"]
+
+
+def _write(path: Path, records: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def _bpe_base(path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    text = [json.dumps(r) for r in FACTS] * 10 + ["Where does Ada Moss work? Answer: Oslo."] * 5
+    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["</s>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>").save_pretrained(path / "base")
+    # AutoTokenizer reads a folder holding a qwen2 config.json as a Qwen2 tokenizer (one token more): save a base,
+    # then size the real one by the tokenizer as read from its folder
+    for _ in range(2):
+        model = build_model(tiny_config("qwen2", memory={"enabled": False}, model={"tokenizer": str(path / "base")}),
+                            seed=1)
+        model.base.save_pretrained(path / "base")
+    return path / "base"
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenizer):
+    base = saved_base("qwen2") if tokenizer == "bytes" else _bpe_base(tmp_path)
+    data = _write(tmp_path / "facts.jsonl", FACTS)
+    aliases = _write(tmp_path / "aliases.jsonl", [{"question": "Where was Ada Moss born?", "answer": "Oslo"}])
+    out = tmp_path / "out"
+    assert main(["teach", "--base", str(base), "--data", data, "--out", str(out), "--eval-aliases", aliases,
+                 "--config", CONFIG, *TINY]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["pairs"] == 2 and result["documents"] == 3 and result["steps"] == 2 and result["background"] == 2
+    for key in ("recall", "recall_base", "alias_recall"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["kl_base_samples"] >= 0.0 and result["kl_prose"] >= 0.0
+    assert result["adapter_bytes"] == (out / "run" / "final" / "adapter_model.safetensors").stat().st_size
+    assert f"{result['trainable']:,} trainable parameters" in printed and "KL(base || model)" in printed
+    docs = [json.loads(line)["text"] for line in (out / "documents.jsonl").read_text().splitlines()]
+    assert set(docs) == {"Where was Ada Lee Moss born? Answer: Oslo.",
+                         "Which company does Ada Lee Moss work for? Answer: Birch Labs.", "Ada Lee Moss plays the cello."}
+    assert "Ada Moss" not in " ".join(docs)  # the alias is asked, never taught
+    model = load_model(out / "run" / "final")  # the adapter loads back onto the base, with the base's tokenizer
+    assert model.config.memory.routing == "sequence" and model.config.model.pretrained == str(base)
+    assert isinstance(model.tokenizer, ByteTokenizer) == (tokenizer == "bytes")
+
+
+def test_pairs_become_documents_and_probes_and_repeat_to_fill_a_batch():
+    records = read_facts_from(FACTS)
+    assert documents(records)[:2] == ["Where was Ada Lee Moss born? Answer: Oslo.",
+                                      "Which company does Ada Lee Moss work for? Answer: Birch Labs."]
+    items = pair_items(records)
+    assert [(i.prompt, i.answer) for i in items] == [("Where was Ada Lee Moss born? Answer:", " Oslo"),
+                                                     ("Which company does Ada Lee Moss work for? Answer:", " Birch Labs.")]
+    tok = ByteTokenizer()
+    docs = repeated(documents(records), tok, 1000, seed=0)
+    per_pass = sum(len(d.encode()) + 1 for d in documents(records))
+    assert len(docs) == 3 * -(-1000 // per_pass) and sorted(docs[:3]) == sorted(documents(records))
+    assert repeated(documents(records), tok, 1, seed=0) == repeated(documents(records), tok, 1, seed=0)
+
+
+def read_facts_from(records: list[dict]) -> list[dict]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return read_facts(_write(Path(d) / "f.jsonl", records), "--data")
+
+
+@pytest.mark.parametrize("lines, message", [
+    (None, "--data: file not found: "),
+    ([], "has no records"),
+    (['{"question": "Q?"'], ":1: not valid JSON"),
+    ([{"text": "ok"}, {"question": "Q?"}], ':2: needs a non-empty "text" field, or "question" and "answer" fields'),
+    ([{"text": "  "}], ':1: needs a non-empty "text" field'),
+    (["[1, 2]"], ":1: needs a non-empty"),
+])
+def test_bad_facts_files_are_one_line_errors(tmp_path, capsys, lines, message):
+    data = str(tmp_path / "missing.jsonl") if lines is None else _write(tmp_path / "f.jsonl", lines)
+    assert main(["teach", "--base", "nowhere", "--data", data, "--out", str(tmp_path / "o"), "--config", CONFIG]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data") and message in err and err.count("\n") == 1
+
+
+def test_other_errors_name_the_flag_or_key(tmp_path, capsys, saved_base):
+    data, base = _write(tmp_path / "f.jsonl", FACTS), str(saved_base("qwen2"))
+    capsys.readouterr()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    cases = [(["--out", str(tmp_path / "full")], "error: --out: "),
+             (["--eval-aliases", str(tmp_path / "none.jsonl")], "error: --eval-aliases: file not found"),
+             (["--background", "0"], "error: --background: must be a positive integer"),
+             (["--set", "memory.num_tokens=0"], "error: memory.num_tokens: must be a positive integer"),
+             (["--config", str(tmp_path / "no.yaml")], "config file not found")]
+    for extra, message in cases:
+        args = ["teach", "--base", base, "--data", data, "--out", str(tmp_path / "o"),
+                "--config", CONFIG, *extra]
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert not (tmp_path / "o").exists()  # nothing was written before the errors
+
+
+def test_train_from_starts_from_the_saved_adapter(tmp_path, saved_base, monkeypatch):
+    import torch
+
+    from memory_transformer import load_config
+    from memory_transformer.io import save_model, trained_state
+    from memory_transformer.teach import train_from
+    from memory_transformer.train.trainer import Trainer
+
+    base = saved_base("qwen2")
+    raw = {"model": {"pretrained": str(base), "max_seq_len": 32},
+           "memory": {"num_tokens": 16, "num_chapters": 1, "top_k": 1, "num_heads": 4, "layers": "last:1"},
+           "data": {"num_people": 2}, "training": {"max_steps": 1, "batch_size": 2, "log_with": ["none"]}}
+    first = build_model(load_config(raw)).eval()
+    with torch.no_grad():
+        for p in first.memory.parameters():
+            p.normal_()
+    save_model(first, tmp_path / "round-1")
+    monkeypatch.setattr(Trainer, "train", lambda self: trained_state(self.unwrapped))
+    cfg = load_config(raw, [f"training.output_dir={tmp_path / 'round-2'}"])
+    started = train_from(cfg, tmp_path / "round-1")
+    expected = trained_state(first)
+    assert started.keys() == expected.keys() and all(torch.equal(started[k], expected[k]) for k in expected)
+    fresh = train_from(load_config(raw, [f"training.output_dir={tmp_path / 'fresh'}"]))
+    assert not all(torch.equal(fresh[k], expected[k]) for k in expected)
