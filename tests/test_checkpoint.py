@@ -29,8 +29,8 @@ from memory_transformer.train.checkpoint import (
     save_checkpoint,
     save_state_dict_tree,
     set_rng_state,
-    verify_folder,
 )
+from memory_transformer.integrity import verify_folder
 from memory_transformer.config import ConfigError
 
 SRC = Path(__file__).resolve().parents[1] / "src"

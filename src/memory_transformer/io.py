@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memory_transformer.config import ConfigError, load_config
-from memory_transformer.train.checkpoint import verify_folder
 from memory_transformer.data.tokenizer import load_tokenizer
+from memory_transformer.integrity import verify_folder
 from memory_transformer.memory.subjects import subject_index
 from memory_transformer.model import MemoryModel, build_model, component_of
 

@@ -18,7 +18,6 @@ No pickle anywhere: tensors go to safetensors, structure goes to JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,11 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memory_transformer.config import ConfigError
+from memory_transformer.integrity import COMPLETE, checksums
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
-COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"  # in-progress writes and half-deleted folders: removed by clean_stale_temp
 OLD_PREFIX = ".old-"  # a folder moved aside while its replacement is renamed in
 _STEP_RE = re.compile(r"step-(\d{6,})")
@@ -64,7 +63,7 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], marker: dict | 
     try:
         write(tmp)
         _fsync_tree(tmp)  # data is durable before the marker can claim it is
-        _write_marker(tmp / COMPLETE, {**(marker or {}), "sha256": _checksums(tmp)})
+        _write_marker(tmp / COMPLETE, {**(marker or {}), "sha256": checksums(tmp)})
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,32 +161,6 @@ def _delete_quietly(path: Path) -> None:
         shutil.rmtree(doomed)
     except OSError as err:
         logger.warning("could not delete old checkpoint %s: %s", path, err)
-
-
-def _checksums(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_folder(folder: Path) -> None:
-    """Check every file listed in the folder's COMPLETE marker against its sha256. A folder without a marker,
-    or with one written before checksums were recorded, passes unchecked."""
-    folder = Path(folder)
-    marker = folder / COMPLETE
-    sums = json.loads(marker.read_text()).get("sha256", {}) if marker.is_file() else {}
-    for name, expected in sums.items():
-        path = folder / name
-        if not path.is_file():
-            raise ConfigError("", f"{path}: missing (listed in {marker}); the checkpoint is damaged")
-        if _sha256(path) != expected:
-            raise ConfigError("", f"{path}: checksum mismatch (sha256 differs from {marker}); the file is corrupt")
 
 
 def _write_marker(path: Path, payload: dict) -> None:

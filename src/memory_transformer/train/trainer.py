@@ -27,6 +27,7 @@ from memory_transformer.config import Config, ConfigError, check_training, load_
 from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
+from memory_transformer.integrity import verify_folder
 from memory_transformer.io import load_weights, save_model
 from memory_transformer.model import build_model
 from memory_transformer.train import checkpoint as ckpt
@@ -412,7 +413,7 @@ class Trainer:
         (d / "trainer_state.json").write_text(json.dumps({**asdict(self.state), "num_processes": len(processes)}))
 
     def _restore(self, d: Path) -> None:
-        ckpt.verify_folder(d)
+        verify_folder(d)
         load_weights(self.unwrapped, d)
         device = _safetensors_device(self.acc.device)
         self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=device))
