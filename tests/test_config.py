@@ -47,7 +47,6 @@ ERRORS = [
     ({"memory": {"sharing": "some"}}, "memory.sharing: got 'some'; allowed: shared, per_layer, every:K"),
     ({"model": {"hidden_size": 30}}, "model.num_heads: must divide model.hidden_size (30), got 4"),
     ({"memory": {"routing": "chapter"}}, "memory.routing: got 'chapter'; allowed: sequence | token | subject"),
-    ({"data": {"num_people": 5000}}, "data.num_people: the synthetic corpus has 1 to 4800 people, got 5000"),
     ({"inference": {"routing": "random"}}, "inference.routing: got 'random'; allowed: sequence | rolling | token | hybrid"),
     ({"inference": {"rolling_window": 0}}, "inference.rolling_window: must be a positive integer, got 0"),
     ({"inference": {"max_new_tokens": -1}}, "inference.max_new_tokens: must be a positive integer, got -1"),
@@ -105,3 +104,11 @@ def test_exponent_without_a_dot_is_a_number_in_files_and_overrides(tmp_path):
     assert (cfg.training.lr, cfg.training.weight_decay, cfg.memory.init_std) == (3e-4, 1e-2, 2e-3)
     with pytest.raises(ConfigError, match=r"training.max_steps: got '1e3'; allowed: an integer"):
         load_config(str(path), ["training.max_steps=1e3"])
+
+
+def test_resolve_step_checks_the_corpus_size():
+    from memory_transformer.resolve import resolve_config
+
+    cfg = load_config({**BASE, "data": {"num_people": 5000}})  # the schema reads no data
+    with pytest.raises(ConfigError, match=r"^data.num_people: the synthetic corpus has 1 to 4800 people, got 5000$"):
+        resolve_config(cfg)

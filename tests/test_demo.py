@@ -8,6 +8,7 @@ from memory_transformer import load_config
 from memory_transformer.config import ConfigError
 from memory_transformer.demo import matching_intermediate_size, run_adapter_demo, run_demo
 from memory_transformer.model import build_model
+from memory_transformer.resolve import resolve_config
 
 TINY = {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
         "intermediate_size": 64, "max_seq_len": 64, "tokenizer": "bytes"}
@@ -59,7 +60,7 @@ def test_adapter_demo_adds_lora_gated_by_the_same_lookup_when_memory_routes_by_s
     from memory_transformer.demo import METHODS, adapter_methods
 
     assert adapter_methods(_teach_cfg()) == METHODS
-    subject = load_config(_teach_cfg().to_dict(), ["memory.routing=subject", "memory.num_chapters=2"])
+    subject = resolve_config(load_config(_teach_cfg().to_dict(), ["memory.routing=subject", "memory.num_chapters=2"]))
     methods = adapter_methods(subject)
     assert list(methods) == ["memory", "lora", "memory+lora", "lora-gated"]
     gated = load_config(subject.to_dict(), methods["lora-gated"])

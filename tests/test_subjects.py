@@ -6,6 +6,7 @@ import torch
 from memory_transformer import ConfigError, build_model, load_config, load_model
 from memory_transformer.memory.subjects import SubjectIndex
 from memory_transformer.data.tokenizer import load_tokenizer
+from memory_transformer.resolve import resolve_config
 from conftest import ARCHS, tiny_config
 
 SUBJECTS = ["Ada Abbott", "Bruno Crane", "Ada Abbott Jr", "Cyrus Vance"]
@@ -199,21 +200,21 @@ def test_subjects_are_saved_with_the_model(tmp_path):
 
 
 def test_synthetic_facts_fill_in_the_taught_people():
-    cfg = tiny_config(memory={"routing": "subject", "top_k": 1}, data={"num_people": 10, "people": [6, 10]})
+    cfg = resolve_config(tiny_config(memory={"routing": "subject", "top_k": 1}, data={"num_people": 10, "people": [6, 10]}))
     from memory_transformer.data.synthetic_facts import SyntheticFacts
 
     assert cfg.memory.subjects == [p.name for p in SyntheticFacts(10, 0).people[6:10]]
 
 
 def test_a_resolved_subject_config_runs_with_another_routing():
-    cfg = tiny_config(memory={"routing": "subject", "top_k": 1}, data={"num_people": 4})
+    cfg = resolve_config(tiny_config(memory={"routing": "subject", "top_k": 1}, data={"num_people": 4}))
     other = load_config(cfg.to_dict(), ["memory.routing=sequence"])
     assert other.memory.subjects == cfg.memory.subjects and build_model(other).subjects is None
 
 
 def test_subjects_from_a_text_file(tmp_path):
     (tmp_path / "subjects.txt").write_text("Ada Abbott\n\n  Bruno Crane \n")
-    cfg = tiny_config(memory={"routing": "subject", "top_k": 1, "subjects": str(tmp_path / "subjects.txt")})
+    cfg = resolve_config(tiny_config(memory={"routing": "subject", "top_k": 1, "subjects": str(tmp_path / "subjects.txt")}))
     assert cfg.memory.subjects == ["Ada Abbott", "Bruno Crane"]
 
 
@@ -233,14 +234,14 @@ def test_subjects_from_a_text_file(tmp_path):
 ])
 def test_subject_routing_config_errors(memory, sections, message):
     with pytest.raises(ConfigError) as e:
-        tiny_config(memory={"routing": "subject", **memory}, **sections)
+        resolve_config(tiny_config(memory={"routing": "subject", **memory}, **sections))
     assert str(e.value) == message
 
 
 def test_a_subjects_file_that_is_not_utf8_is_a_config_error(tmp_path):
     (tmp_path / "names.txt").write_bytes(b"Ada Abbott\n\xff\xfeBruno\n")
     with pytest.raises(ConfigError) as e:
-        tiny_config(memory={"routing": "subject", "top_k": 1, "subjects": str(tmp_path / "names.txt")})
+        resolve_config(tiny_config(memory={"routing": "subject", "top_k": 1, "subjects": str(tmp_path / "names.txt")}))
     assert str(e.value) == f"memory.subjects: {tmp_path / 'names.txt'} is not UTF-8 text (invalid start byte at byte 11)"
 
 

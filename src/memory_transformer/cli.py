@@ -162,7 +162,9 @@ COMMANDS = {"info": cmd_info, "train": cmd_train, "eval": cmd_eval, "generate": 
 def _config(args) -> Config:
     if not args.config:
         raise ConfigError("--config", "a config file is required (e.g. --config configs/demo.yaml)")
-    return load_config(args.config, args.set)
+    from memory_transformer.resolve import resolve_config
+
+    return resolve_config(load_config(args.config, args.set))
 
 
 def _parser() -> argparse.ArgumentParser:

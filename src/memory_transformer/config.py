@@ -351,11 +351,6 @@ def validate(cfg: Config) -> None:
         _check_memory(mem, m)
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules", "must name at least one module (e.g. q_proj, v_proj)")
-    from memory_transformer.data.synthetic_facts import MAX_PEOPLE
-
-    if cfg.data.source == "synthetic_facts" and not 1 <= cfg.data.num_people <= MAX_PEOPLE:
-        raise ConfigError("data.num_people", f"the synthetic corpus has 1 to {MAX_PEOPLE} people, got "
-                          f"{cfg.data.num_people}")
     if cfg.data.replay_people is not None and cfg.data.source != "synthetic_facts":
         raise ConfigError("data.replay_people", f"needs data.source synthetic_facts (the people are its own), got "
                           f"{cfg.data.source}; to replay without old documents use data.replay_generated")
@@ -374,8 +369,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
     if mem.enabled and mem.routing == "subject":
         _check_subject_routing(cfg)
-    if uses_subjects(cfg):
-        _resolve_subjects(cfg)
 
 
 def _check_replay(cfg: Config) -> None:
@@ -503,39 +496,6 @@ def _check_subject_routing(cfg: Config) -> None:
     if cfg.inference.routing is not None:
         raise ConfigError("inference.routing", f"must be null with memory.routing subject (every position reads "
                           f"its subject's chapter), got {cfg.inference.routing}")
-
-
-def _resolve_subjects(cfg: Config) -> None:
-    """`memory.subjects` as an explicit list (saved with the run): from a file, or the synthetic corpus's people."""
-    mem, d = cfg.memory, cfg.data
-    if isinstance(mem.subjects, str):
-        path = Path(mem.subjects)
-        if not path.is_file():
-            raise ConfigError("memory.subjects", f"file not found: {path}")
-        try:
-            mem.subjects = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as e:
-            raise ConfigError("memory.subjects", f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    elif mem.subjects is not None:
-        mem.subjects = [s.strip() for s in mem.subjects]  # as file lines are: the lookup adds the leading space
-    elif d.source == "synthetic_facts":
-        from memory_transformer.data.synthetic_facts import SyntheticFacts
-
-        facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
-        mem.subjects = [p.name for p in (facts.subset(*d.people) if d.people is not None else facts).people]
-    else:
-        raise ConfigError("memory.subjects", "subject routing needs the taught subjects: a list of names or a "
-                          f"text file with one per line (data.source {d.source} has no built-in people)")
-    if not mem.subjects:
-        raise ConfigError("memory.subjects", "subject routing needs at least one subject, got none")
-    blank = [i for i, s in enumerate(mem.subjects) if not s]
-    if blank:
-        raise ConfigError("memory.subjects", f"subject {blank[0]} (counting from 0) is empty or only spaces")
-    seen: set[str] = set()
-    for subject in mem.subjects:
-        if subject in seen:
-            raise ConfigError("memory.subjects", f"{subject!r} is listed twice (each subject owns one chapter)")
-        seen.add(subject)
 
 
 def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from memory_transformer.config import Config, ConfigError, load_config
+from memory_transformer.resolve import resolve_config
 from memory_transformer.train.trainer import train
 
 ROWS = [  # (label, metric key, format)
@@ -49,7 +50,7 @@ def _train_or_reuse(name: str, cfg: Config, result_of) -> dict:
     result.json; when that file holds the same config, return its result without training (a changed config
     meets the run folder's refusal)."""
     run_dir = Path(cfg.training.output_dir)
-    saved, resolved = run_dir / "result.json", json.loads(json.dumps(cfg.to_dict()))
+    saved, resolved = run_dir / "result.json", json.loads(json.dumps(resolve_config(cfg).to_dict()))
     prior = json.loads(saved.read_text()) if saved.exists() else None
     if prior is not None and _resolved(prior["config"]) == resolved:
         print(f"== {name}: reusing {saved} (same config)")
@@ -64,7 +65,7 @@ def _resolved(saved: dict) -> dict | None:
     """A saved resolved config as it resolves today: keys added to the schema since take their defaults (which
     keep the old behaviour); None if it no longer loads."""
     try:
-        return json.loads(json.dumps(load_config(saved).to_dict()))
+        return json.loads(json.dumps(resolve_config(load_config(saved)).to_dict()))
     except ConfigError:
         return None
 

@@ -16,6 +16,7 @@ from memory_transformer.config import Config, ConfigError, load_config, resolve_
 from memory_transformer.data.tokenizer import load_tokenizer
 from memory_transformer.inject import MemoryStack
 from memory_transformer.lora import add_lora
+from memory_transformer.resolve import resolve_config
 from memory_transformer.memory.quant import BITS
 from memory_transformer.memory.routing import ContextRouting, generation_routing
 from memory_transformer.memory.subjects import SubjectTracker, track_subjects
@@ -231,7 +232,7 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     With `memory.quantization` int8/int4 the banks are built as quantized buffers (to load a quantized
     checkpoint into). Those are for inference only: there is no quantization-aware training, so
     `for_training=True` with a quantized config is an error; train in float, then quantize."""
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = resolve_config(config if isinstance(config, Config) else load_config(config))
     if for_training and cfg.memory.enabled and cfg.memory.quantization != "none":
         raise ConfigError("memory.quantization", "quantized banks are for inference: train with "
                           "memory.quantization=none, then `memory-transformer quantize`")

@@ -30,6 +30,7 @@ from memory_transformer.generate import sample_documents
 from memory_transformer.integrity import verify_folder
 from memory_transformer.io import load_weights, save_model
 from memory_transformer.model import build_model
+from memory_transformer.resolve import resolve_config
 from memory_transformer.train import checkpoint as ckpt
 from memory_transformer.train.optim import make_optimizer, make_scheduler
 
@@ -71,7 +72,7 @@ class Trainer:
         """`run_dir=False` (the LR finder) trains without a run folder: no config, metrics or checkpoints."""
         from accelerate import DistributedDataParallelKwargs
 
-        check_training(cfg)
+        check_training(resolve_config(cfg))
         self.cfg, self.train_cfg = cfg, cfg.training
         self.run_dir = Path(self.train_cfg.output_dir)
         self.progress = progress
