@@ -55,6 +55,9 @@ class RouterLossConfig:
     load_balance: float = 0.01  # Switch: C * sum_i f_i * P_i
     importance: float = 0.0  # squared coefficient of variation of chapter importance
     z_loss: float = 0.001  # mean logsumexp(logits)^2
+    # memory.scope gate: the margin loss, mean relu(margin + l) on background (replayed) tokens and
+    # mean relu(margin - l) on taught ones, l the gate logit, averaged over memory layers
+    scope: float = 1.0
 
 
 @dataclass
@@ -81,6 +84,13 @@ class MemoryConfig:
     kv: Literal["projected", "learned"] = "learned"  # keys/values: learned directly, or W_k, W_v of one bank row
     slot_top_k: int | None = 8  # sparse read: each query reads its best slots of each chapter; null (or >= S) = all
     null_slot: bool = False  # a learned "nothing here" key with a zero value, so a query can read (almost) nothing
+    # gate: a learned scope gate (WISE-style) per token, sigmoid(w . norm(h) + b), scales the memory output; trained
+    # with a margin loss (memory.router_loss.scope) to be high on taught text and low on background text (needs
+    # data.replay_generated or data.replay_people, variant A). Outside training (eval, no grad) a token whose gate
+    # is below scope_threshold gets exactly 0 from the layer: there the model is the base's own, bit for bit
+    scope: Literal["none", "gate"] = "none"
+    scope_threshold: float = 0.5  # gate values below it read nothing at inference
+    scope_margin: float = 2.0  # the margin loss wants gate logits >= margin on taught, <= -margin on background tokens
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
@@ -403,6 +413,13 @@ def check_training(cfg: Config) -> None:
     if frozen and not cfg.memory.enabled and not cfg.lora.enabled:
         raise ConfigError("model.freeze_base", "the base is frozen and there is neither memory (memory.enabled) "
                           "nor LoRA (lora.enabled): nothing to train")
+    d = cfg.data
+    if cfg.memory.enabled and cfg.memory.scope == "gate" and d.replay_generated is None and d.replay_people is None:
+        raise ConfigError("memory.scope", "gate is trained to stay closed on background text: set "
+                          "data.replay_generated (samples of the frozen base) or data.replay_people")
+    if cfg.memory.enabled and cfg.memory.scope == "gate" and d.mode != "pretraining":
+        raise ConfigError("memory.scope", f"gate supports data.mode pretraining only (its background tokens are "
+                          f"marked when documents are packed), got {d.mode}")
 
 
 # Numeric ranges: (test, what it must be). A null value passes (it means a default, or "off").
@@ -417,8 +434,10 @@ _RANGES = {
                   intermediate_size=_AT_LEAST_1, max_seq_len=_AT_LEAST_1),
     "memory": dict(num_tokens=_AT_LEAST_1, num_chapters=_AT_LEAST_1, num_heads=_AT_LEAST_1, bank_rank=_AT_LEAST_1,
                    qkv_rank=_AT_LEAST_1, slot_top_k=(lambda v: v >= 1, "must be null or at least 1"),
-                   key_init_std=_POSITIVE, init_std=_POSITIVE, dropout=_FRACTION, quant_group_size=_AT_LEAST_1),
-    "memory.router_loss": dict(load_balance=_NON_NEGATIVE, importance=_NON_NEGATIVE, z_loss=_NON_NEGATIVE),
+                   key_init_std=_POSITIVE, init_std=_POSITIVE, dropout=_FRACTION, quant_group_size=_AT_LEAST_1,
+                   scope_threshold=_OPEN_FRACTION, scope_margin=_NON_NEGATIVE),
+    "memory.router_loss": dict(load_balance=_NON_NEGATIVE, importance=_NON_NEGATIVE, z_loss=_NON_NEGATIVE,
+                               scope=_NON_NEGATIVE),
     "lora": dict(r=_AT_LEAST_1, alpha=_POSITIVE, dropout=_FRACTION),
     "data": dict(num_people=_AT_LEAST_1, replay_fraction=_OPEN_FRACTION, replay_generated=_AT_LEAST_1,
                  replay_temperature=_POSITIVE, eval_fraction=_FRACTION, qa_fraction=_SHARE,
@@ -472,6 +491,9 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         raise ConfigError("memory.wo_init", "identity (the default) needs the memory width to equal the model "
                           "width; set memory.wo_init to zero or normal with bank reduced_dim")
     _check_quantization(mem, m)
+    if mem.scope == "gate" and mem.block_variant != "A":
+        raise ConfigError("memory.scope", "gate needs memory.block_variant A (variant B's extra MLP is not gated, "
+                          "so a closed gate would not leave the base's output)")
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:

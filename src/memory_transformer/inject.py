@@ -241,6 +241,24 @@ class MemoryStack(nn.Module):
             total = term if total is None else total + term
         return total
 
+    def scope_loss(self, background: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """memory.scope gate: the weighted margin loss of the last forward's gate logits l (B, T), None without
+        a gate. Per memory layer, mean relu(margin + l) over background tokens (`background` (B, T) true: the
+        replayed documents) plus mean relu(margin - l) over taught tokens, both over real tokens only (`mask`
+        (B, T), the attention mask); averaged over layers, times memory.router_loss.scope."""
+        logits = [r.scope_logits for r in self.decisions.values() if r.scope_logits is not None]
+        if not logits:
+            return None
+        m = self.cfg.scope_margin
+        real = torch.ones_like(background, dtype=torch.bool) if mask is None else mask.bool()
+        bg, taught = background.bool() & real, ~background.bool() & real
+        terms = []
+        for l in logits:
+            low = (torch.relu(l + m) * bg).sum() / bg.sum().clamp(min=1)
+            high = (torch.relu(m - l) * taught).sum() / taught.sum().clamp(min=1)
+            terms.append(low + high)
+        return self.cfg.router_loss.scope * torch.stack(terms).mean()
+
     def usage(self) -> dict[int, torch.Tensor]:
         """Chapter counts (C,) per memory layer from the last forward, for logging."""
         return {i: chapter_usage(r.ids, self.cfg.num_chapters, r.mask).cpu() for i, r in self.decisions.items()}

@@ -50,7 +50,7 @@ def build_data(cfg: Config, tokenizer, replay_docs: list[str] | None = None) -> 
         n_replay = round(n_own * d.replay_fraction / (1 - d.replay_fraction))
         train_docs = train_docs + draw_passes(replay_docs, n_replay, random.Random(f"{d.seed}:replay"))
     encode = _encoder(cfg, tokenizer)
-    train = encode(train_docs, False, n_own if d.replay_loss == "distill" else None)
+    train = encode(train_docs, False, n_own if _marks_replay(cfg) else None)
     if len(train["input_ids"]) == 0:
         raise ConfigError("model.max_seq_len", f"the training documents do not fill one block of {T} tokens")
     return DataBundle(_shuffled(train, d.seed), encode(eval_docs, True))
@@ -76,7 +76,7 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
         def replay(epoch: int, k: int) -> list[str]:
             return draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))
 
-    replay_from = n - n_replay if d.replay_loss == "distill" else None  # distillation marks replayed tokens
+    replay_from = n - n_replay if _marks_replay(cfg) else None  # distillation / the scope gate mark replayed tokens
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
@@ -84,6 +84,12 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
         return _shuffle(encode(epoch_docs, False, replay_from), d.seed, epoch)
 
     return DataBundle(train, encode(eval_docs, True), facts)
+
+
+def _marks_replay(cfg: Config) -> bool:
+    """Whether the training examples carry a `replay` tensor marking replayed tokens: `data.replay_loss: distill`
+    learns them from the base, a `memory.scope: gate` is trained to stay closed on them."""
+    return cfg.data.replay_loss == "distill" or (cfg.memory.enabled and cfg.memory.scope == "gate")
 
 
 def _encoder(cfg: Config, tokenizer) -> Callable[[list, bool], Examples]:

@@ -15,6 +15,7 @@ chapter's renormalised gate added to the scores of that chapter's slots.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +73,13 @@ class AttentionArgs:
     learned_kv: bool = False
     slot_top_k: int | None = None  # None: every slot of the selected chapters
     null_slot: bool = False
+    scope_threshold: float | None = None  # None: no scope gate; else memory.scope gate with this threshold
 
     @classmethod
     def from_config(cls, c: MemoryConfig, hidden: int, norm_eps: float) -> AttentionArgs:
         return cls(hidden, c.bank_rank if c.bank == "reduced_dim" else hidden, c.num_heads, c.num_chapters, c.top_k,
                    c.qkv_rank, c.wo_init, c.dropout, norm_eps, c.init_std, c.routing, c.kv == "learned",
-                   c.slot_top_k, c.null_slot)
+                   c.slot_top_k, c.null_slot, c.scope_threshold if c.scope == "gate" else None)
 
 
 class MemoryAttention(nn.Module):
@@ -106,6 +108,14 @@ class MemoryAttention(nn.Module):
             nn.init.eye_(self.o.weight)  # also 0 at init, but the values get gradient from the first step
             if self.v is not None:
                 nn.init.zeros_([m for m in self.v.modules() if isinstance(m, nn.Linear)][-1].weight)
+        # The scope gate (memory.scope gate): a per-token logit l = w . norm(h) + b; created after the init loop
+        # above, so its weight gets its own init; bias 0 puts every token at sigmoid(0) = 0.5 at init.
+        self.scope_threshold = a.scope_threshold
+        self.scope = None
+        if a.scope_threshold is not None:
+            self.scope = nn.Linear(a.hidden, 1)
+            nn.init.normal_(self.scope.weight, std=a.init_std)
+            nn.init.zeros_(self.scope.bias)
         learned_router = a.num_chapters > 1 and a.routing != "subject"  # subject routing looks chapters up
         self.router = Router(a.hidden, a.num_chapters, a.top_k, a.init_std) if learned_router else None
         # The decision when the caller gives none (the layer used alone); subject routing needs the input ids.
@@ -180,7 +190,22 @@ class MemoryAttention(nn.Module):
             g = routing.gates.sum(-1)  # (B,) or (B, T)
             g = (g / g.detach()).to(out.dtype)
             out = out * (g[:, None, None] if g.dim() == 1 else g[..., None])
+        if self.scope is not None:
+            out, logits = self._scoped(out, x)
+            routing = dataclasses.replace(routing, scope_logits=logits)  # a new decision: one may be shared
         return out, routing
+
+    def _scoped(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scope gate on the memory output (B, T, d): returns the gated output and the gate logits (B, T)
+        (float32). The gate sees the normed hidden states detached, so its margin loss trains the gate only.
+        Training (grad on): out * sigmoid(l). Otherwise: out * sigmoid(l) where sigmoid(l) >= threshold and
+        exactly 0 elsewhere (torch.where: those positions add nothing, the model there is the base's own)."""
+        logits = self.scope(x.detach()).squeeze(-1).float()  # (B, T)
+        p = torch.sigmoid(logits)
+        scaled = out * p[..., None].to(out.dtype)
+        if self.training and torch.is_grad_enabled():
+            return scaled, logits
+        return torch.where((p >= self.scope_threshold)[..., None], scaled, torch.zeros_like(out)), logits
 
     def _own_decision(self) -> Decide:
         if self.policy is None:

@@ -46,6 +46,7 @@ class Routing:
     logits: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    scope_logits: torch.Tensor | None = None  # memory.scope gate: the gate logits (B, T) of this read, with autograd
     _chapters: tuple[list[int], torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def chapters(self) -> tuple[list[int], torch.Tensor]:

@@ -233,11 +233,12 @@ class Trainer:
         acc, memory = self.acc, self.unwrapped.memory
         local_tokens = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro)
         n_tokens = acc.reduce(local_tokens.float(), reduction="sum")
-        ce_total, aux_value, pooled, usage = 0.0, 0.0, {}, None
+        ce_total, aux_value, scope_value, pooled, usage = 0.0, 0.0, 0.0, {}, None
+        distill = self.cfg.data.replay_loss == "distill"  # (memory.scope gate also marks replayed tokens)
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
             with nullcontext() if last else acc.no_sync(self.model), acc.autocast():
-                teacher = self._teacher_logits(mb) if "replay" in mb and mb["replay"].any() else None
+                teacher = self._teacher_logits(mb) if distill and "replay" in mb and mb["replay"].any() else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
                 if teacher is None:
                     ce, _ = token_loss_sums(out.logits, mb["labels"])
@@ -248,6 +249,11 @@ class Trainer:
                     for i, x in memory.router_inputs().items():
                         pooled.setdefault(i, []).append(x)
                     usage = _add_usage(usage, memory.usage())
+                    if "replay" in mb:  # memory.scope gate: its margin loss, a mean over the micro-batches
+                        scope = memory.scope_loss(mb["replay"], mb["attention_mask"])
+                        if scope is not None:
+                            loss = loss + scope / len(micro)
+                            scope_value += scope.item() / len(micro)
                     if last and pooled:  # router losses once, over the global batch
                         aux = memory.aux_loss({i: acc.gather(torch.cat(xs)) for i, xs in pooled.items()})
                         loss = loss + aux
@@ -255,7 +261,8 @@ class Trainer:
             acc.backward(loss)
             ce_total += ce.detach()
         lm = (acc.reduce(torch.as_tensor(ce_total, device=acc.device).float(), reduction="sum") / n_tokens).item()
-        return {"loss": lm, "router_loss": aux_value, "tokens": int(n_tokens.item()), "usage": usage}
+        return {"loss": lm, "router_loss": aux_value, "scope_loss": scope_value, "tokens": int(n_tokens.item()),
+                "usage": usage}
 
     @torch.no_grad()
     def _teacher_logits(self, mb: dict) -> torch.Tensor:
@@ -280,7 +287,8 @@ class Trainer:
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else float("inf")
         norm = self.acc.clip_grad_norm_(params, max_norm)
         norm = float(norm) if norm is not None else 0.0
-        finite = math.isfinite(result["loss"]) and math.isfinite(result["router_loss"]) and math.isfinite(norm)
+        finite = (math.isfinite(result["loss"]) and math.isfinite(result["router_loss"])
+                  and math.isfinite(result["scope_loss"]) and math.isfinite(norm))
         if finite:
             self.optimizer.step()
             self.state.bad_steps_in_a_row = 0
@@ -319,6 +327,7 @@ class Trainer:
             if s.step % t.logging_steps == 0 or s.step == self.total_steps:
                 elapsed = time.time() - window_t0
                 last = {"step": s.step, "epoch": s.epoch, "loss": r["loss"], "router_loss": r["router_loss"],
+                        **({"scope_loss": r["scope_loss"]} if self.cfg.memory.scope == "gate" else {}),
                         "grad_norm": r["grad_norm"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
                 if usage is not None:
