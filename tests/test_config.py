@@ -112,3 +112,7 @@ def test_resolve_step_checks_the_corpus_size():
     cfg = load_config({**BASE, "data": {"num_people": 5000}})  # the schema reads no data
     with pytest.raises(ConfigError, match=r"^data.num_people: the synthetic corpus has 1 to 4800 people, got 5000$"):
         resolve_config(cfg)
+    confirm = load_config({**BASE, "data": {"num_people": 5000, "corpus": "confirm"}})  # middle names: more people
+    assert resolve_config(confirm).data.num_people == 5000
+    with pytest.raises(ConfigError, match=r"^data.num_people: the synthetic corpus has 1 to 59616 people, got 70000$"):
+        resolve_config(load_config({**BASE, "data": {"num_people": 70000, "corpus": "confirm"}}))

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from memory_transformer.config import Config, ConfigError, uses_subjects
-from memory_transformer.data.synthetic_facts import MAX_PEOPLE, SyntheticFacts
+from memory_transformer.data.synthetic_facts import CORPORA, SyntheticFacts
 
 
 def resolve_config(cfg: Config) -> Config:
     """`cfg`, checked against its data and resolved in place (idempotent): the synthetic corpus's size, and
     `memory.subjects` as an explicit list (saved with the run) when subjects are used."""
-    if cfg.data.source == "synthetic_facts" and not 1 <= cfg.data.num_people <= MAX_PEOPLE:
-        raise ConfigError("data.num_people", f"the synthetic corpus has 1 to {MAX_PEOPLE} people, got "
+    limit = CORPORA[cfg.data.corpus].max_people
+    if cfg.data.source == "synthetic_facts" and not 1 <= cfg.data.num_people <= limit:
+        raise ConfigError("data.num_people", f"the synthetic corpus has 1 to {limit} people, got "
                           f"{cfg.data.num_people}")
     if uses_subjects(cfg):
         _resolve_subjects(cfg)

@@ -70,7 +70,6 @@ Kelp Lantern Lumen Maple Meridian Mistral Nimbus Onyx Orchid Pebble Pinnacle Qua
 Sequoia Sierra Solstice Spruce Summit Tundra Umber Vantage Verdant Willow Zenith Zephyr
 """.split(), ["Labs", "Systems", "Industries", "Works", "Group", "Logistics"] * 10)]
 
-MAX_PEOPLE = len(FIRST_NAMES) * len(LAST_NAMES)  # distinct full names
 
 MONTHS = "January February March April May June July August September October November December".split()
 DAYS = range(1, 29)  # 1..28 exist in every month, so day and month are independent and the count is exact
