@@ -414,10 +414,12 @@ def check_training(cfg: Config) -> None:
         raise ConfigError("model.freeze_base", "the base is frozen and there is neither memory (memory.enabled) "
                           "nor LoRA (lora.enabled): nothing to train")
     d = cfg.data
-    if cfg.memory.enabled and cfg.memory.scope == "gate" and d.replay_generated is None and d.replay_people is None:
+    if not (cfg.memory.enabled and cfg.memory.scope == "gate"):
+        return
+    if d.replay_generated is None and d.replay_people is None:
         raise ConfigError("memory.scope", "gate is trained to stay closed on background text: set "
                           "data.replay_generated (samples of the frozen base) or data.replay_people")
-    if cfg.memory.enabled and cfg.memory.scope == "gate" and d.mode != "pretraining":
+    if d.mode != "pretraining":
         raise ConfigError("memory.scope", f"gate supports data.mode pretraining only (its background tokens are "
                           f"marked when documents are packed), got {d.mode}")
 

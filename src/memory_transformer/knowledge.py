@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
+from memory_transformer.model import eval_mode
 from memory_transformer.recall import recall
 
 # Pure-Python standard-library modules with long English docstrings; sorted, so the pool is the same on every run
@@ -96,18 +97,16 @@ def _is_prose(para: str) -> bool:
 def kl_to_base(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 8) -> float:
     """Mean over tokens of KL(base || model) in nats: the frozen base (`model.adapters_disabled()`) against the
     model with its adapters, at every position of `texts` (each cut to `max_tokens` tokens). 0 = unchanged."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        ids, mask = _batch(tokenizer, texts[start : start + batch_size], max_tokens, model.device)
-        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # (B, T, V)
-        with model.adapters_disabled():
-            base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        kl = (base.exp() * (base - logp)).sum(-1)  # (B, T)
-        total += (kl * mask).sum().item()
-        count += int(mask.sum().item())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            ids, mask = _batch(tokenizer, texts[start : start + batch_size], max_tokens, model.device)
+            logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # (B, T, V)
+            with model.adapters_disabled():
+                base = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            kl = (base.exp() * (base - logp)).sum(-1)  # (B, T)
+            total += (kl * mask).sum().item()
+            count += int(mask.sum().item())
     return total / max(count, 1)
 
 

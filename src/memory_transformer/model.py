@@ -236,7 +236,7 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     if for_training and cfg.memory.enabled and cfg.memory.quantization != "none":
         raise ConfigError("memory.quantization", "quantized banks are for inference: train with "
                           "memory.quantization=none, then `memory-transformer quantize`")
-    tokenizer = load_tokenizer(*_tokenizer_source(cfg))
+    tokenizer = load_tokenizer(*tokenizer_source(cfg))
     torch.manual_seed(cfg.training.seed if seed is None else seed)
     base = _load_base(cfg, tokenizer, device)
     if len(tokenizer) > base.config.vocab_size:
@@ -261,7 +261,7 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     return model
 
 
-def _tokenizer_source(cfg: Config) -> tuple[str, str]:
+def tokenizer_source(cfg: Config) -> tuple[str, str]:
     """(tokenizer name, the config key that chose it): an explicit model.tokenizer wins over the base's own."""
     m = cfg.model
     if m.tokenizer is not None:

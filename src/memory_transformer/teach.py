@@ -89,17 +89,17 @@ def teach(base: str, data: str, out: str, config: str | None = None, overrides: 
           eval_aliases: str | None = None, background: int = 16) -> dict:
     """Train the adapter, evaluate it, print and return the figures (also written to OUT/result.json)."""
     from memory_transformer.data.tokenizer import load_tokenizer
+    from memory_transformer.io import new_folder
+    from memory_transformer.model import tokenizer_source
     from memory_transformer.train.trainer import train
 
     if background < 1:
         raise ConfigError("--background", f"must be a positive integer, got {background}")
-    root = Path(out)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ConfigError("--out", f"{root} exists and is not an empty folder; choose a new one")
+    root = new_folder(out, "--out")
     records = read_facts(data, "--data")
     aliases = pair_items(read_facts(eval_aliases, "--eval-aliases")) if eval_aliases else None
     cfg = teach_config(base, root, config, overrides or [])
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    tokenizer = load_tokenizer(*tokenizer_source(cfg))
     docs = repeated(documents(records), tokenizer, cfg.training.batch_size * cfg.model.max_seq_len, cfg.data.seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "documents.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
