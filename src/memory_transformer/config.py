@@ -88,9 +88,15 @@ class MemoryConfig:
     # with a margin loss (memory.router_loss.scope) to be high on taught text and low on background text (needs
     # data.replay_generated or data.replay_people, variant A). Outside training (eval, no grad) a token whose gate
     # is below scope_threshold gets exactly 0 from the layer: there the model is the base's own, bit for bit
-    scope: Literal["none", "gate"] = "none"
+    # keys: a codebook of the frozen base's hidden states at the first memory layer, fitted before training on the
+    # teaching documents against samples of the base (data.replay_generated): a document is in scope from its first
+    # position that matches a key on; out of scope the memory adds exactly 0 (memory/scope.py)
+    scope: Literal["none", "gate", "keys"] = "none"
     scope_threshold: float = 0.5  # gate values below it read nothing at inference
     scope_margin: float = 2.0  # the margin loss wants gate logits >= margin on taught, <= -margin on background tokens
+    scope_novelty: float = 0.7  # keys: a taught state is a key when its best cosine to the background is below this
+    scope_radius: float = 0.5  # keys: a key matches above b + radius * (1 - b), b its best cosine to the background
+    scope_max_keys: int = 8192  # keys: at most this many (a seeded random subset of the candidates)
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
@@ -414,6 +420,8 @@ def check_training(cfg: Config) -> None:
         raise ConfigError("model.freeze_base", "the base is frozen and there is neither memory (memory.enabled) "
                           "nor LoRA (lora.enabled): nothing to train")
     d = cfg.data
+    if cfg.memory.enabled and cfg.memory.scope == "keys":
+        _check_scope_keys(cfg, frozen)
     if not (cfg.memory.enabled and cfg.memory.scope == "gate"):
         return
     if d.replay_generated is None and d.replay_people is None:
@@ -422,6 +430,19 @@ def check_training(cfg: Config) -> None:
     if d.mode != "pretraining":
         raise ConfigError("memory.scope", f"gate supports data.mode pretraining only (its background tokens are "
                           f"marked when documents are packed), got {d.mode}")
+
+
+def _check_scope_keys(cfg: Config, frozen: bool) -> None:
+    """memory.scope keys: fitted on the frozen base's hidden states against samples of it."""
+    if cfg.data.replay_generated is None:
+        raise ConfigError("memory.scope", "keys are fitted against background text: set data.replay_generated "
+                          "(samples of the frozen base; no old data needed)")
+    if not frozen:
+        raise ConfigError("memory.scope", "keys are the frozen base's hidden states: a trained base "
+                          "(model.freeze_base false) would move them")
+    if cfg.lora.enabled:
+        raise ConfigError("memory.scope", "keys are the frozen base's hidden states: LoRA (lora.enabled) would "
+                          "move them; use LoRA or memory with keys, not both")
 
 
 # Numeric ranges: (test, what it must be). A null value passes (it means a default, or "off").
@@ -437,7 +458,9 @@ _RANGES = {
     "memory": dict(num_tokens=_AT_LEAST_1, num_chapters=_AT_LEAST_1, num_heads=_AT_LEAST_1, bank_rank=_AT_LEAST_1,
                    qkv_rank=_AT_LEAST_1, slot_top_k=(lambda v: v >= 1, "must be null or at least 1"),
                    key_init_std=_POSITIVE, init_std=_POSITIVE, dropout=_FRACTION, quant_group_size=_AT_LEAST_1,
-                   scope_threshold=_OPEN_FRACTION, scope_margin=_NON_NEGATIVE),
+                   scope_threshold=_OPEN_FRACTION, scope_margin=_NON_NEGATIVE,
+                   scope_novelty=(lambda v: -1 < v < 1, "must be a cosine in (-1, 1)"),
+                   scope_radius=(lambda v: 0 <= v < 1, "must be in [0, 1)"), scope_max_keys=_AT_LEAST_1),
     "memory.router_loss": dict(load_balance=_NON_NEGATIVE, importance=_NON_NEGATIVE, z_loss=_NON_NEGATIVE,
                                scope=_NON_NEGATIVE),
     "lora": dict(r=_AT_LEAST_1, alpha=_POSITIVE, dropout=_FRACTION),
@@ -493,9 +516,9 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         raise ConfigError("memory.wo_init", "identity (the default) needs the memory width to equal the model "
                           "width; set memory.wo_init to zero or normal with bank reduced_dim")
     _check_quantization(mem, m)
-    if mem.scope == "gate" and mem.block_variant != "A":
-        raise ConfigError("memory.scope", "gate needs memory.block_variant A (variant B's extra MLP is not gated, "
-                          "so a closed gate would not leave the base's output)")
+    if mem.scope != "none" and mem.block_variant != "A":
+        raise ConfigError("memory.scope", f"{mem.scope} needs memory.block_variant A (variant B's extra MLP is not "
+                          "scoped, so a closed scope would not leave the base's output)")
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:

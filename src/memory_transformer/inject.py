@@ -38,6 +38,7 @@ from memory_transformer.config import MemoryConfig, bank_groups
 from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.routing import LearnedRouting, Policy, Routing, SubjectRouting, chapter_usage, router_losses
+from memory_transformer.memory.scope import ScopeKeys
 from memory_transformer.memory.subjects import SubjectTracker
 
 
@@ -66,7 +67,8 @@ class MemoryBlock(nn.Module):
 class MemoryStack(nn.Module):
     """All banks and memory blocks of a model; installs the hooks that splice them into the base decoder."""
 
-    def __init__(self, cfg: MemoryConfig, base_config, layer_ids: list[int], subjects: SubjectTracker | None = None):
+    def __init__(self, cfg: MemoryConfig, base_config, layer_ids: list[int], subjects: SubjectTracker | None = None,
+                 eos: int | None = None):
         super().__init__()
         self.cfg = cfg
         d = base_config.hidden_size
@@ -91,6 +93,10 @@ class MemoryStack(nn.Module):
         self.default_policy: Policy = (SubjectRouting(subjects) if self.subjects is not None
                                        else LearnedRouting(per_token=cfg.routing == "token"))
         self._policy = self.default_policy
+        # memory.scope keys: the codebook deciding, at the first memory layer, which positions any layer reads
+        self.scope = (ScopeKeys(d, cfg.scope_novelty, cfg.scope_radius, cfg.scope_max_keys, eos)
+                      if cfg.scope == "keys" else None)
+        self._ids: torch.Tensor | None = None  # this forward's input ids (memory.scope keys: eos closes the scope)
         self._mask: torch.Tensor | None = None  # this forward's attention mask (B, past + T)
         self._past = 0  # positions already in the KV cache before this forward
         self._bypass = False  # True: the hooks add nothing, the decoder computes the base model alone
@@ -163,6 +169,7 @@ class MemoryStack(nn.Module):
 
     def _capture_inputs(self, module, args, kwargs):
         self._mask = kwargs.get("attention_mask")
+        self._ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         self._past = cache.get_seq_length() if cache is not None else 0
 
@@ -207,6 +214,10 @@ class MemoryStack(nn.Module):
         attn = self.blocks[str(i)].attn
         bank = self.banks[self.bank_of[i]]
         decide = self._policy.bind(i, attn.router, self._past)
+        if self.scope is not None:
+            if i == self.layer_ids[0]:
+                self.scope.observe(h, self._ids, self._past)
+            decide = self.scope.restrict(decide)
         mask = self._mask_for(h)
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
             out, routing = checkpoint(attn, h, bank, decide, mask, use_reentrant=False)

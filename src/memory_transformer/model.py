@@ -22,7 +22,7 @@ from memory_transformer.memory.routing import ContextRouting, generation_routing
 from memory_transformer.memory.subjects import SubjectTracker, track_subjects
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COMPONENTS = ("base", "memory_bank", "memory_attention", "memory_mlp", "router", "lora")
+COMPONENTS = ("base", "memory_bank", "memory_attention", "memory_mlp", "router", "memory_scope", "lora")
 
 
 def component_of(name: str) -> str:
@@ -31,6 +31,8 @@ def component_of(name: str) -> str:
         return "lora"
     if name.startswith("memory.banks."):
         return "memory_bank"
+    if name.startswith("memory.scope."):  # memory.scope keys: the codebook (buffers, never trained)
+        return "memory_scope"
     if name.startswith("memory.blocks."):
         if ".attn.router." in name:
             return "router"
@@ -60,7 +62,8 @@ class MemoryModel(nn.Module):
         if config.memory.enabled:
             n_layers = base.config.num_hidden_layers
             layers = resolve_layers(config.memory.layers, n_layers)
-            self.memory = MemoryStack(config.memory, base.config, layers, self.subjects)
+            eos = tokenizer.eos_token_id if tokenizer is not None and config.data.mode == "pretraining" else None
+            self.memory = MemoryStack(config.memory, base.config, layers, self.subjects, eos)
             self.memory.to(dtype=next(base.parameters()).dtype)
             self.memory.install(base)
         self.merged = False  # LoRA folded into the base weights (lora.merge_lora): save the base in full
@@ -157,12 +160,47 @@ class MemoryModel(nn.Module):
             for key in (c, "total", *(["trainable"] if p.requires_grad else [])):
                 params[key] += p.numel()
                 nbytes[key] += p.numel() * p.element_size()
+        for name, buffer in self.memory.named_buffers("memory") if self.memory is not None else []:
+            if component_of(name) == "memory_scope":  # not parameters, but saved with the adapter
+                for key in ("memory_scope", "total"):
+                    nbytes[key] += buffer.numel() * buffer.element_size()
         for bank in self.memory.banks if self.memory is not None else []:
             values, stored = bank.stored_footprint()  # quantized buffers (not Parameters); (0, 0) when float
             for key in ("memory_bank", "total"):
                 params[key] += values
                 nbytes[key] += stored
         return {"parameters": params, "bytes": nbytes}
+
+    @torch.no_grad()
+    def fit_scope(self, taught: dict[str, torch.Tensor], background: dict[str, torch.Tensor],
+                  batch_size: int = 16, seed: int = 0) -> dict[str, int]:
+        """memory.scope keys: fit the codebook (memory/scope.py) on the frozen base's hidden states at the first
+        memory layer. `taught` and `background` are examples (input_ids, attention_mask (N, T)); a `replay`
+        tensor in `taught` marks tokens that are not taught (left out). Returns counts for the log."""
+        from memory_transformer.inject import decoder_layers
+
+        norm = decoder_layers(self.base)[min(self.memory.layer_ids)].post_attention_layernorm
+        found: list[torch.Tensor] = []
+        handle = norm.register_forward_pre_hook(lambda module, args: found.append(args[0]))
+
+        def states(ex: dict[str, torch.Tensor], drop: torch.Tensor | None) -> torch.Tensor:
+            keep = ex["attention_mask"].bool() if drop is None else ex["attention_mask"].bool() & ~drop.bool()
+            out = []
+            for i in range(0, len(ex["input_ids"]), batch_size):
+                rows = slice(i, i + batch_size)
+                found.clear()
+                self.base(input_ids=ex["input_ids"][rows].to(self.device),
+                          attention_mask=ex["attention_mask"][rows].to(self.device))
+                out.append(found[0][keep[rows].to(self.device)].float().cpu())
+            return torch.cat(out)
+
+        try:
+            with eval_mode(self), self.adapters_disabled():
+                taught_states = states(taught, taught.get("replay"))
+                background_states = states(background, None)
+        finally:
+            handle.remove()
+        return self.memory.scope.fit(taught_states, background_states, seed)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from memory_transformer.io import save_model

@@ -76,7 +76,7 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
         def replay(epoch: int, k: int) -> list[str]:
             return draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))
 
-    replay_from = n - n_replay if _marks_replay(cfg) else None  # distillation / the scope gate mark replayed tokens
+    replay_from = n - n_replay if _marks_replay(cfg) else None  # distillation / memory.scope mark replayed tokens
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
@@ -88,8 +88,9 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
 
 def _marks_replay(cfg: Config) -> bool:
     """Whether the training examples carry a `replay` tensor marking replayed tokens: `data.replay_loss: distill`
-    learns them from the base, a `memory.scope: gate` is trained to stay closed on them."""
-    return cfg.data.replay_loss == "distill" or (cfg.memory.enabled and cfg.memory.scope == "gate")
+    learns them from the base, a `memory.scope: gate` is trained to stay closed on them, `memory.scope: keys`
+    leaves them out of the taught states."""
+    return cfg.data.replay_loss == "distill" or (cfg.memory.enabled and cfg.memory.scope != "none")
 
 
 def _encoder(cfg: Config, tokenizer) -> Callable[[list, bool], Examples]:

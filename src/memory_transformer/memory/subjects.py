@@ -64,7 +64,6 @@ class SubjectIndex:
         """ids (B, T) -> the chapter each position from `start` on reads (B, T - start), -1 where it reads
         nothing. `carry` (B,) is the chapter position start - 1 reads (needed when start > 0); only the windows
         ending at or after `start` are scanned, so a generation step costs the same at any length."""
-        B, T = ids.shape
         lo = max(0, start - self.longest + 1)  # every window ending at or after `start` lies within ids[:, lo:]
         ids = ids[:, lo:]
         event = torch.full_like(ids, NO_EVENT)  # what happens at a position: a mention ends, or eos
@@ -77,18 +76,23 @@ class SubjectIndex:
             j = torch.searchsorted(hashes, (windows * weights).sum(-1)).clamp(max=len(hashes) - 1)
             hit = (patterns[j] == windows).all(-1)
             event[:, length - 1:] = torch.where(hit, chapters[j], event[:, length - 1:])
-        event = event[:, start - lo:]
-        if start:
-            event = torch.cat([carry[:, None].to(event.dtype), event], dim=1)  # the carried read, never NO_EVENT
-        positions = torch.arange(event.shape[1], device=ids.device).expand(B, -1)
-        last = torch.where(event != NO_EVENT, positions, -1).cummax(dim=1).values  # last event at or before
-        read = torch.where(last >= 0, event.gather(1, last.clamp(min=0)), NO_READ)
-        return read[:, 1:] if start else read
+        return last_event(event[:, start - lo:], carry if start else None)
 
     def _tables_on(self, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:
         if device not in self._on:
             self._on[device] = {n: tuple(t.to(device) for t in table) for n, table in self._tables.items()}
         return self._on[device]
+
+
+def last_event(event: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+    """event (B, T): NO_EVENT where nothing happens, else the value that position and the ones after it take
+    until the next event. `carry` (B,): the value before position 0 (None: NO_READ). -> (B, T)."""
+    if carry is not None:
+        event = torch.cat([carry[:, None].to(event.dtype), event], dim=1)  # the carried value, never NO_EVENT
+    positions = torch.arange(event.shape[1], device=event.device).expand(event.shape[0], -1)
+    last = torch.where(event != NO_EVENT, positions, -1).cummax(dim=1).values  # last event at or before
+    read = torch.where(last >= 0, event.gather(1, last.clamp(min=0)), NO_READ)
+    return read[:, 1:] if carry is not None else read
 
 
 class SubjectTracker:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from memory_transformer.config import Config, ConfigError, check_training, load_config
-from memory_transformer.data import build_data
+from memory_transformer.data import build_data, pack_documents
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
 from memory_transformer.integrity import verify_folder
@@ -91,6 +91,8 @@ class Trainer:
         self.tokenizer = model.tokenizer
         self.replay_docs = self._generated_replay(model, resume_from is not None) if cfg.data.replay_generated else None
         self.data = build_data(cfg, self.tokenizer, self.replay_docs)
+        if cfg.memory.enabled and cfg.memory.scope == "keys" and resume_from is None:  # a resumed run has its keys
+            self._fit_scope(model)
         self.global_batch = self.train_cfg.batch_size * self.train_cfg.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
         optimizer = make_optimizer(model, self.train_cfg)
@@ -203,6 +205,16 @@ class Trainer:
                     docs = sample_documents(model, d.replay_generated, self.cfg.model.max_seq_len, d.seed,
                                             self.train_cfg.batch_size, d.replay_temperature)
         return broadcast_object_list([docs])[0]
+
+    def _fit_scope(self, model) -> None:
+        """memory.scope keys: the codebook from the first epoch's taught tokens against the base's samples. Every
+        process fits the same keys from the same documents."""
+        background = pack_documents(self.replay_docs, self.tokenizer, self.cfg.model.max_seq_len, pad_remainder=True)
+        counts = model.to(self.acc.device).fit_scope(self.data.train_examples(0), background,
+                                                     self.train_cfg.batch_size, self.cfg.data.seed)
+        if self.acc.is_main_process:
+            print(f"memory.scope keys: {counts['keys']:,} keys from {counts['taught_states']:,} taught states "
+                  f"against {counts['background_states']:,} background states")
 
     def _total_steps(self) -> int:
         if self.train_cfg.max_steps is not None:

@@ -1,0 +1,113 @@
+"""Learned scope (`memory.scope: keys`): which positions the memory may speak at, found without a list of names.
+
+A GRACE-style codebook (Hartvigsen et al. 2023) of the frozen base's own hidden states. Before training, the
+hidden state h (scaled to unit length) at the input of the first memory layer is computed for every token of the
+teaching documents ("taught" states) and of samples of the frozen base (`data.replay_generated`: "background",
+no old data needed). A taught state whose best cosine similarity to any background state, b, is below
+`memory.scope_novelty` is something the base does not produce on its own (in practice: the tokens that make a
+new name a new name): it becomes a key, with the threshold b + scope_radius * (1 - b). A position matches a key
+when the cosine of its state and the key is above the key's threshold: closer to the key than the key's
+nearest background state, by the share scope_radius of what is left.
+
+A position is in scope from the first matching position of its document on, until the end-of-sequence token
+that ends the document (`data.mode: pretraining`; as subject routing does from a mention on). Out of scope the
+memory layers read nothing and add exactly 0: there the model is the base's own, bit for bit. The keys are
+computed once from the frozen base, so they hold at any later step; they are saved with the memory
+(`memory.scope.keys`, `memory.scope.thresholds`; buffers, not trained). A position's scope depends only on the
+positions up to it, so generation with or without a KV cache, and scoring, decide alike.
+
+What it guarantees and what not: text whose states stay farther from every key than the key's threshold is the
+base's own. Whether another wording of a taught name (an alias, a held-out question) matches depends on the
+base's representation of it (docs/experiments.md measures it), and a document that matches once stays in
+scope to its end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from memory_transformer.memory.routing import Decide, Routing
+from memory_transformer.memory.subjects import NO_EVENT, NO_READ, last_event
+
+_CHUNK = 4096  # rows per similarity matmul while fitting
+
+
+class ScopeKeys(nn.Module):
+    """The codebook (`keys` (K, d), `thresholds` (K,)) and the scope of the current forward (`reads` (B, T))."""
+
+    def __init__(self, dim: int, novelty: float, radius: float, max_keys: int, eos: int | None):
+        super().__init__()
+        self.novelty, self.radius, self.max_keys, self.eos = novelty, radius, max_keys, eos
+        self.register_buffer("keys", torch.zeros(0, dim))
+        self.register_buffer("thresholds", torch.zeros(0))
+        self.state: torch.Tensor | None = None  # (B, L): 0 where in scope, NO_READ where not, every position so far
+        self.reads: torch.Tensor | None = None  # (B, T) bool, the positions of the current forward
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("keys", "thresholds"):  # the codebook's size is whatever was fitted
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device,
+                                                     dtype=getattr(self, name).dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def fit(self, taught: torch.Tensor, background: torch.Tensor, seed: int = 0) -> dict[str, int]:
+        """taught (N, d), background (M, d) hidden states -> keys and thresholds (module doc). More than
+        `max_keys` candidates: a seeded random `max_keys` of them are kept. Returns counts for the log."""
+        if not len(background):
+            raise ValueError("memory.scope keys: no background states to fit against (data.replay_generated)")
+        taught, background = F.normalize(taught.float(), dim=-1), F.normalize(background.float(), dim=-1)
+        best = torch.cat([(part @ background.T).max(-1).values for part in taught.split(_CHUNK)])  # (N,)
+        novel = (best < self.novelty).nonzero().squeeze(-1)
+        if len(novel) > self.max_keys:
+            g = torch.Generator().manual_seed(seed)
+            novel = novel[torch.randperm(len(novel), generator=g)[: self.max_keys]].sort().values
+        b = best[novel]
+        self.keys = taught[novel].to(self.keys.device, self.keys.dtype)
+        self.thresholds = (b + self.radius * (1 - b)).to(self.thresholds.device, self.thresholds.dtype)
+        return {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
+
+    def matches(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, T, d) -> (B, T) bool: the positions whose state is within some key's threshold."""
+        if not len(self.keys):
+            return torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+        u = F.normalize(h.detach().float(), dim=-1)
+        keys = self.keys.to(u.device, u.dtype)
+        return (u @ keys.T > self.thresholds.to(u.device, u.dtype)).any(-1)
+
+    def observe(self, h: torch.Tensor, ids: torch.Tensor | None, past: int) -> None:
+        """The scope of this forward's positions (`reads`), from the states h (B, T, d) at the first memory layer,
+        the input ids (end-of-sequence closes it; None: no ids) and `past` positions already in the KV cache."""
+        event = torch.where(self.matches(h), 0, NO_EVENT)
+        if ids is not None and self.eos is not None:
+            event = torch.where(ids[:, -h.shape[1]:] == self.eos, NO_READ, event)
+        if past:
+            if self.state is None or self.state.shape[0] != h.shape[0] or self.state.shape[1] < past:
+                raise ValueError("memory.scope keys: a KV cache of positions this model did not see; start the "
+                                 "sequence without past_key_values")
+            new = last_event(event, self.state[:, past - 1])
+            self.state = torch.cat([self.state[:, :past], new], dim=1)  # a cropped cache drops the rest
+        else:
+            new = self.state = last_event(event)
+        self.reads = new >= 0
+
+    def restrict(self, decide: Decide) -> Decide:
+        """`decide`, with every position out of scope reading nothing (chapter -1: the read adds exactly 0)."""
+        def scoped(x: torch.Tensor, mask: torch.Tensor | None) -> Routing:
+            r = decide(x, mask)
+            B, T = x.shape[:2]
+            reads = self.reads[:, -T:, None]
+            if bool(reads.all()):
+                return r
+            ids, gates = r.ids, r.gates
+            if ids.dim() == 2:  # per sequence (B, k) -> per token (B, T, k)
+                ids, gates = ids[:, None].expand(B, T, -1), gates[:, None].expand(B, T, -1)
+            return Routing(torch.where(reads, ids, -1), gates, r.logits, r.pooled, r.mask if r.mask is not None
+                           else mask)
+        return scoped
+
+    def reset(self) -> None:
+        self.state = self.reads = None

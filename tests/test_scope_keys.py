@@ -1,0 +1,158 @@
+"""memory.scope keys: the codebook's fit on hand-made states, scope from the first match to eos, exact base output
+out of scope, KV-cache agreement, saving with the adapter, config errors, training end to end."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from memory_transformer import ConfigError, build_model, load_config
+from memory_transformer.config import check_training
+from memory_transformer.io import load_model, trained_state
+from memory_transformer.memory.scope import ScopeKeys
+from memory_transformer.model import component_of
+from memory_transformer.train.trainer import train
+
+KEYS = {"scope": "keys", "num_chapters": 1, "top_k": 1, "layers": "last:1"}
+
+
+def test_fit_keeps_the_novel_states_with_hand_computed_thresholds():
+    scope = ScopeKeys(2, novelty=0.5, radius=0.5, max_keys=10, eos=None)
+    taught = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.6, 0.8]])  # cosines to the background: 0, 1, 0.8
+    counts = scope.fit(taught, torch.tensor([[0.0, 1.0]]))
+    assert counts == {"taught_states": 3, "background_states": 1, "keys": 1}
+    assert torch.equal(scope.keys, torch.tensor([[1.0, 0.0]]))  # unit length
+    assert torch.allclose(scope.thresholds, torch.tensor([0.5]))  # 0 + 0.5 * (1 - 0)
+    h = torch.tensor([[[1.0, 0.5], [1.0, 2.0], [-1.0, 0.0]]])  # cosines to the key: 0.894, 0.447, -1
+    assert scope.matches(h).tolist() == [[True, False, False]]
+
+
+def test_fit_keeps_a_seeded_subset_of_at_most_max_keys():
+    taught = torch.eye(6)
+    first = ScopeKeys(6, 0.5, 0.5, max_keys=3, eos=None)
+    second = ScopeKeys(6, 0.5, 0.5, max_keys=3, eos=None)
+    assert first.fit(taught, -torch.ones(1, 6), seed=1)["keys"] == 3
+    second.fit(taught, -torch.ones(1, 6), seed=1)
+    assert torch.equal(first.keys, second.keys) and first.keys.shape == (3, 6)
+    with pytest.raises(ValueError, match="no background states"):
+        first.fit(taught, torch.zeros(0, 6))
+
+
+def _scope_with_one_key(eos: int | None = 0) -> ScopeKeys:
+    scope = ScopeKeys(2, 0.5, 0.5, 10, eos=eos)
+    scope.keys, scope.thresholds = torch.tensor([[1.0, 0.0]]), torch.tensor([0.9])
+    return scope
+
+
+def _states(pattern: str) -> torch.Tensor:
+    """'m' = a state matching the key, '.' = one that does not; (1, T, 2)."""
+    return torch.tensor([[[1.0, 0.0] if c == "m" else [0.0, 1.0] for c in pattern]])
+
+
+def test_scope_opens_at_the_first_match_and_closes_at_eos():
+    scope = _scope_with_one_key(eos=0)
+    ids = torch.tensor([[5, 5, 5, 5, 0, 5, 5, 5]])  # eos at position 4
+    scope.observe(_states("..m....m"), ids, past=0)
+    assert scope.reads.int().tolist() == [[0, 0, 1, 1, 0, 0, 0, 1]]
+    scope.observe(_states("..m....m"), None, past=0)  # no ids: nothing closes it
+    assert scope.reads.int().tolist() == [[0, 0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_scope_with_a_kv_cache_equals_the_whole_sequence():
+    whole, steps = _scope_with_one_key(), _scope_with_one_key()
+    pattern, ids = "..m...m..", torch.tensor([[5, 5, 5, 5, 0, 5, 5, 5, 5]])
+    whole.observe(_states(pattern), ids, past=0)
+    steps.observe(_states(pattern[:3]), ids[:, :3], past=0)
+    got = [steps.reads]
+    for t in range(3, len(pattern)):
+        steps.observe(_states(pattern[t]), ids[:, : t + 1], past=t)
+        got.append(steps.reads)
+    assert torch.equal(torch.cat(got, dim=1), whole.reads)
+    with pytest.raises(ValueError, match="a KV cache of positions this model did not see"):
+        _scope_with_one_key().observe(_states("."), ids[:, :1], past=4)
+
+
+def _model_with_a_key_at(position: int, seed: int = 0):
+    """A tiny model with memory in its last layer whose one key is the state of `position` of the returned ids."""
+    model = build_model(tiny_config("llama", memory={**KEYS, "wo_init": "normal"}), seed=seed).eval()
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+    norm = model.base.model.layers[model.memory.layer_ids[0]].post_attention_layernorm
+    found = []
+    handle = norm.register_forward_pre_hook(lambda m, args: found.append(args[0]))
+    with torch.no_grad(), model.adapters_disabled():
+        model(ids)
+    handle.remove()
+    scope = model.memory.scope
+    scope.keys = torch.nn.functional.normalize(found[0][0, position][None], dim=-1)
+    scope.thresholds = torch.tensor([0.9999])
+    return model, ids
+
+
+def test_positions_out_of_scope_equal_the_base_bit_for_bit():
+    model, ids = _model_with_a_key_at(5)
+    with torch.no_grad():
+        logits = model(ids).logits
+        reads = model.memory.scope.reads
+        with model.adapters_disabled():
+            base = model(ids).logits
+    assert reads[0].tolist() == [False] * 5 + [True] * 7  # row 0 from its match on; row 1 (other tokens) never
+    assert not reads[1].any()
+    closed = ~reads
+    assert torch.equal(logits[closed], base[closed])
+    assert not torch.allclose(logits[reads], base[reads])
+
+
+def test_generation_with_and_without_kv_cache_agree():
+    model, ids = _model_with_a_key_at(5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids[:1, :8], use_cache=True, **kw)
+        uncached = model.generate(input_ids=ids[:1, :8], use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_keys_are_memory_scope_buffers_not_parameters():
+    model = build_model(tiny_config("llama", memory=KEYS))
+    names = [n for n, _ in model.state_dict().items() if n.startswith("memory.scope.")]
+    assert names == ["memory.scope.keys", "memory.scope.thresholds"]
+    assert {component_of(n) for n in names} == {"memory_scope"}
+    assert not any(n.startswith("memory.scope.") for n, _ in model.named_parameters())
+    assert set(names) <= set(trained_state(model))  # an adapter save holds them
+
+
+@pytest.mark.parametrize("memory,sections,match", [
+    (KEYS, {}, r"memory.scope: keys are fitted against background text: set data.replay_generated"),
+    ({**KEYS, "block_variant": "B"}, {}, r"memory.scope: keys needs memory.block_variant A"),
+    (KEYS, {"lora": {"enabled": True}, "data": {"replay_generated": 4}, "model": {"pretrained": "x"}},
+     r"memory.scope: keys are the frozen base's hidden states: LoRA"),
+    (KEYS, {"model": {"pretrained": "x", "freeze_base": False}, "data": {"replay_generated": 4}},
+     r"memory.scope: keys are the frozen base's hidden states: a trained base"),
+    ({**KEYS, "scope_novelty": 1.0}, {}, r"memory.scope_novelty: must be a cosine in \(-1, 1\)"),
+    ({**KEYS, "scope_radius": 1.0}, {}, r"memory.scope_radius: must be in \[0, 1\)"),
+    ({**KEYS, "scope_max_keys": 0}, {}, r"memory.scope_max_keys: must be a positive integer"),
+])
+def test_config_errors_name_the_key(memory, sections, match):
+    with pytest.raises(ConfigError, match=match):
+        check_training(tiny_config("llama", memory=memory, **sections))
+
+
+def test_training_fits_keys_saves_them_and_loads_them_back(tmp_path, saved_base):
+    base = saved_base("llama")
+    raw = {
+        "model": {"pretrained": str(base), "max_seq_len": 64},
+        "memory": {**KEYS, "num_tokens": 64, "num_heads": 4},
+        "data": {"num_people": 6, "people": [3, 6], "replay_generated": 4, "replay_fraction": 0.5,
+                 "samples_per_epoch": 24},
+        "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "log_with": ["none"],
+                     "output_dir": str(tmp_path / "run"), "save_total_limit": None},
+    }
+    train(load_config(raw), progress=False)
+    loaded = load_model(tmp_path / "run" / "final").memory.scope
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    K = len(saved["memory.scope.keys"])
+    assert K > 0 and saved["memory.scope.keys"].shape == (K, 32) and saved["memory.scope.thresholds"].shape == (K,)
+    assert torch.allclose(saved["memory.scope.keys"].norm(dim=-1), torch.ones(K))  # unit length
+    assert bool(((saved["memory.scope.thresholds"] > -1) & (saved["memory.scope.thresholds"] < 1)).all())
+    assert torch.equal(loaded.keys, saved["memory.scope.keys"])
+    assert torch.equal(loaded.thresholds, saved["memory.scope.thresholds"])
