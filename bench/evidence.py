@@ -136,6 +136,8 @@ def main() -> None:
     p.add_argument("--old", type=int, default=20, help="--scope: people the base learns")
     p.add_argument("--rounds", type=int, default=5, help="--scope: sequential rounds (1 = none)")
     p.add_argument("--prose", type=int, default=32, help="--scope: stdlib prose paragraphs for the KL")
+    p.add_argument("--base-prose", type=float, default=0.2,
+                   help="--scope: data.prose_fraction of the base's pretraining (real text to be disturbed on)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="a named method: overrides of the config (repeatable; replaces the defaults)")
     args = p.parse_args()

@@ -13,7 +13,8 @@ import scope  # noqa: E402
 
 def test_methods_and_chapters():
     m = scope.methods(32)
-    assert list(m) == ["memory", "subject", "lora", "lora-gated"]
+    assert list(m) == ["memory", "keys", "subject", "lora", "lora-gated"]
+    assert "memory.scope=keys" in m["keys"] and "data.replay_fraction=0.0" in m["keys"]
     assert "memory.routing=sequence" in m["memory"] and "memory.num_chapters=32" in m["subject"]
     assert "lora.gate=subject" in m["lora-gated"]
     assert [scope.subject_chapters(n, 1024) for n in (1, 20, 100, 1000)] == [1, 32, 128, 128]

@@ -175,10 +175,38 @@ def test_replay_mixes_old_people_into_the_training_documents(monkeypatch):
     assert {p.name for p in bundle.facts.people} == set(names[10:])  # recall probes: the new people only
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0])
-def test_replay_fraction_must_be_a_share(fraction):
-    with pytest.raises(ConfigError, match=rf"data.replay_fraction: must be in \(0, 1\), got {fraction}"):
+@pytest.mark.parametrize("fraction,match", [
+    (1.0, r"data.replay_fraction: must be in \[0, 1\), got 1.0"),
+    (0.0, r"data.replay_fraction: 0 replays nothing \(only memory.scope keys uses the samples without training"),
+])
+def test_replay_fraction_must_be_a_share(fraction, match):
+    with pytest.raises(ConfigError, match=match):
         _cfg(num_people=20, replay_people=[0, 10], replay_fraction=fraction)
+
+
+def test_replay_fraction_zero_with_scope_keys_trains_on_taught_documents_only():
+    cfg = load_config({"data": {"num_people": 20, "people": [10, 20], "replay_generated": 6, "replay_fraction": 0.0,
+                                "samples_per_epoch": 40}, "memory": {"scope": "keys"},
+                       "model": {"pretrained": "x", "max_seq_len": 64}, "training": {"max_steps": 1}})
+    bundle = build_data(cfg, ByteTokenizer(), [f"sample {i}" for i in range(6)])
+    ex = bundle.train_examples(0)
+    assert int(ex["replay"].sum()) == 0  # the samples are background for the keys only
+    text = ByteTokenizer().decode(ex["input_ids"].flatten().tolist())
+    assert "sample" not in text
+
+
+def test_prose_fraction_mixes_train_split_paragraphs_only():
+    from memory_transformer.data.prose import prose_pool
+
+    bundle = build_data(_cfg(num_people=10, prose_fraction=0.25, samples_per_epoch=40, model={"max_seq_len": 256}),
+                        ByteTokenizer())
+    text = ByteTokenizer().decode(bundle.train_examples(0)["input_ids"].flatten().tolist())
+    train, held_out = prose_pool("train"), prose_pool("eval")
+    assert not set(train) & set(held_out) and len(held_out) >= 32
+    assert sum(p[:60] in text for p in train) >= 5  # ~10 paragraphs drawn, some cut at block borders
+    assert not any(p[:60] in text for p in held_out)
+    with pytest.raises(ConfigError, match=r"data.prose_fraction: mixes prose into synthetic_facts pretraining"):
+        _cfg(num_people=10, prose_fraction=0.2, mode="instruction_finetuning")
 
 
 def test_samples_per_epoch():

@@ -156,3 +156,27 @@ def test_training_fits_keys_saves_them_and_loads_them_back(tmp_path, saved_base)
     assert bool(((saved["memory.scope.thresholds"] > -1) & (saved["memory.scope.thresholds"] < 1)).all())
     assert torch.equal(loaded.keys, saved["memory.scope.keys"])
     assert torch.equal(loaded.thresholds, saved["memory.scope.thresholds"])
+
+
+def test_teaching_in_rounds_keeps_every_rounds_keys(tmp_path, saved_base):
+    from memory_transformer.teach import train_from
+
+    base = saved_base("llama")
+
+    def cfg(people: list[int], out: str):
+        return load_config({
+            "model": {"pretrained": str(base), "max_seq_len": 64},
+            "memory": {**KEYS, "num_tokens": 64, "num_heads": 4},
+            "data": {"num_people": 6, "people": people, "replay_generated": 4, "replay_fraction": 0.5,
+                     "samples_per_epoch": 24},
+            "training": {"max_steps": 1, "batch_size": 4, "log_with": ["none"], "output_dir": str(tmp_path / out),
+                         "save_total_limit": None},
+        })
+
+    train(cfg([3, 6], "round-1"), progress=False)
+    train(cfg([0, 3], "alone"), progress=False)  # what round 2's documents fit on their own
+    train_from(cfg([0, 3], "round-2"), tmp_path / "round-1" / "final")
+    first, alone, second = (load_model(tmp_path / d / "final").memory.scope for d in ("round-1", "alone", "round-2"))
+    assert len(first.keys) > 0 and len(alone.keys) > 0
+    assert torch.equal(second.keys, torch.cat([first.keys, alone.keys]))
+    assert torch.equal(second.thresholds, torch.cat([first.thresholds, alone.thresholds]))

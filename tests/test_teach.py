@@ -70,6 +70,8 @@ def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenize
     assert "Ada Moss" not in " ".join(docs)  # the alias is asked, never taught
     model = load_model(out / "run" / "final")  # the adapter loads back onto the base, with the base's tokenizer
     assert model.config.memory.routing == "sequence" and model.config.model.pretrained == str(base)
+    assert model.config.memory.scope == "keys" and len(model.memory.scope.keys) > 0  # fitted, saved, loaded
+    assert "memory.scope keys: " in printed
     assert isinstance(model.tokenizer, ByteTokenizer) == (tokenizer == "bytes")
 
 

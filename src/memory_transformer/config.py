@@ -94,7 +94,7 @@ class MemoryConfig:
     scope: Literal["none", "gate", "keys"] = "none"
     scope_threshold: float = 0.5  # gate values below it read nothing at inference
     scope_margin: float = 2.0  # the margin loss wants gate logits >= margin on taught, <= -margin on background tokens
-    scope_novelty: float = 0.7  # keys: a taught state is a key when its best cosine to the background is below this
+    scope_novelty: float = 0.8  # keys: a taught state is a key when its best cosine to the background is below this
     scope_radius: float = 0.5  # keys: a key matches above b + radius * (1 - b), b its best cosine to the background
     scope_max_keys: int = 8192  # keys: at most this many (a seeded random subset of the candidates)
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
@@ -131,10 +131,15 @@ class DataConfig:
     corpus: Literal["demo", "confirm"] = "demo"
     people: list[int] | None = None  # [start, stop]: use only people[start:stop] of the corpus
     replay_people: list[int] | None = None  # [start, stop]: mix documents of these (already known) people in
-    replay_fraction: float = 0.1  # ... as this share of the training documents (replay baseline)
+    # ... as this share of the training documents (replay baseline); 0 with memory.scope keys: the samples of
+    # data.replay_generated are only the background the keys are fitted against, not trained on
+    replay_fraction: float = 0.1
     replay_generated: int | None = None  # or this many samples of the frozen pretrained model: replay, no old data
     replay_temperature: float = 1.0  # sampling temperature of replay_generated (below 1: fewer, cleaner samples)
     replay_loss: Literal["lm", "distill"] = "lm"  # replayed tokens: next-token loss, or KL to the frozen base
+    # synthetic_facts, pretraining: this share of each epoch's documents are paragraphs of the standard library's
+    # docstrings (the "train" split; locality probes use the others), so a base has real prose to model
+    prose_fraction: float = 0.0
     seed: int = 0
     path: str | None = None
     hf_config: str | None = None
@@ -376,6 +381,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key}", f"must be [start, stop] with 0 <= start < stop <= data.num_people "
                               f"({cfg.data.num_people}), got {p}")
     _check_replay(cfg)
+    if cfg.data.prose_fraction and (cfg.data.source != "synthetic_facts" or cfg.data.mode != "pretraining"):
+        raise ConfigError("data.prose_fraction", f"mixes prose into synthetic_facts pretraining documents; got "
+                          f"data.source {cfg.data.source}, data.mode {cfg.data.mode}")
     if cfg.data.mode == "instruction_finetuning" and (m.tokenizer == "bytes" or (m.tokenizer, m.pretrained) == (None, None)):
         raise ConfigError(
             "data.mode", "instruction_finetuning needs a chat template: set model.tokenizer to a transformers tokenizer"
@@ -398,6 +406,10 @@ def _check_replay(cfg: Config) -> None:
                               "needs model.pretrained with a frozen base (model.freeze_base not false)")
         if d.mode != "pretraining":
             raise ConfigError("data.replay_loss", f"distill supports data.mode pretraining only, got {d.mode}")
+    replays = d.replay_people is not None or d.replay_generated is not None
+    if replays and d.replay_fraction == 0 and not (cfg.memory.enabled and cfg.memory.scope == "keys"):
+        raise ConfigError("data.replay_fraction", "0 replays nothing (only memory.scope keys uses the samples "
+                          "without training on them); set a share in (0, 1)")
     if d.replay_generated is None:
         return
     if d.replay_people is not None:
@@ -464,7 +476,7 @@ _RANGES = {
     "memory.router_loss": dict(load_balance=_NON_NEGATIVE, importance=_NON_NEGATIVE, z_loss=_NON_NEGATIVE,
                                scope=_NON_NEGATIVE),
     "lora": dict(r=_AT_LEAST_1, alpha=_POSITIVE, dropout=_FRACTION),
-    "data": dict(num_people=_AT_LEAST_1, replay_fraction=_OPEN_FRACTION, replay_generated=_AT_LEAST_1,
+    "data": dict(num_people=_AT_LEAST_1, replay_fraction=_FRACTION, prose_fraction=_FRACTION, replay_generated=_AT_LEAST_1,
                  replay_temperature=_POSITIVE, eval_fraction=_FRACTION, qa_fraction=_SHARE,
                  samples_per_epoch=_AT_LEAST_1, max_samples=_AT_LEAST_1),
     "training": dict(max_steps=_AT_LEAST_1, num_epochs=_POSITIVE, batch_size=_AT_LEAST_1,

@@ -114,13 +114,19 @@ def teach(base: str, data: str, out: str, config: str | None = None, overrides: 
 
 def train_from(cfg: Config, init: str | Path | None = None) -> dict:
     """Train `cfg` starting from the trained weights (memory, LoRA) saved in `init`: teaching in rounds, each round
-    on its own documents. Without `init`, exactly `train(cfg)`."""
+    on its own documents (with memory.scope keys: the saved keys plus those fitted on this round's documents).
+    Without `init`, exactly `train(cfg)`."""
     from memory_transformer.io import load_weights
     from memory_transformer.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     if init is not None:
+        memory = trainer.unwrapped.memory
+        scope = memory.scope if memory is not None else None
+        fitted = None if scope is None else (scope.keys, scope.thresholds)  # this round's keys (memory.scope keys)
         load_weights(trainer.unwrapped, Path(init))  # in place: the optimizer keeps the same tensors
+        if fitted is not None:
+            scope.extend(*fitted)  # the earlier rounds' keys and this round's: every taught document stays in scope
     return trainer.train()
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from memory_transformer.config import Config, ConfigError
+from memory_transformer.data.prose import prose_pool
 from memory_transformer.data.sources import load_documents
 from memory_transformer.data.synthetic_facts import Person, RecallItem, SyntheticFacts, draw_passes
 
@@ -77,10 +78,13 @@ def _synthetic(cfg: Config, tokenizer, replay_docs: list[str] | None) -> DataBun
             return draw_passes(replay_docs, k, random.Random(f"{d.seed}:replay:{epoch}"))
 
     replay_from = n - n_replay if _marks_replay(cfg) else None  # distillation / memory.scope mark replayed tokens
+    n_prose = round(n * d.prose_fraction)  # real prose among the documents (before the replayed ones)
+    prose = prose_pool("train") if n_prose else []
 
     @functools.lru_cache(maxsize=2)  # the trainer may ask for the same epoch repeatedly
     def train(epoch: int) -> Examples:
-        epoch_docs = docs(epoch, n - n_replay) + (replay(epoch, n_replay) if replay else [])
+        own = docs(epoch, n - n_replay - n_prose) + draw_passes(prose, n_prose, random.Random(f"{d.seed}:prose:{epoch}"))
+        epoch_docs = own + (replay(epoch, n_replay) if replay else [])
         return _shuffle(encode(epoch_docs, False, replay_from), d.seed, epoch)
 
     return DataBundle(train, encode(eval_docs, True), facts)

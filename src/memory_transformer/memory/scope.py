@@ -70,6 +70,11 @@ class ScopeKeys(nn.Module):
         self.thresholds = (b + self.radius * (1 - b)).to(self.thresholds.device, self.thresholds.dtype)
         return {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
 
+    def extend(self, keys: torch.Tensor, thresholds: torch.Tensor) -> None:
+        """Add keys fitted elsewhere (another round of teaching) to these."""
+        self.keys = torch.cat([self.keys, keys.to(self.keys.device, self.keys.dtype)])
+        self.thresholds = torch.cat([self.thresholds, thresholds.to(self.thresholds.device, self.thresholds.dtype)])
+
     def matches(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, T, d) -> (B, T) bool: the positions whose state is within some key's threshold."""
         if not len(self.keys):
