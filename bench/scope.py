@@ -16,10 +16,10 @@ from pathlib import Path
 
 from memory_transformer import load_config
 from memory_transformer.config import Config
+from memory_transformer.demo import KEYS
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
 
 V, L = ["memory.enabled=true", "lora.enabled=false"], ["memory.enabled=false", "lora.enabled=true"]
-KEYS_REPLAY = ["data.replay_generated=1024", "data.replay_fraction=0.0", "data.replay_temperature=0.7"]
 
 ROWS = [  # (key, label, format); {n1}/{n2} are the two sizes, {r} the rounds
     ("recall_new", "new-fact QA recall, {n1} new people", "{:.1%}"),
@@ -40,7 +40,7 @@ def methods(chapters: int) -> dict[str, list[str]]:
     of the base at temperature 0.7 (not trained on: as configs/teach.yaml), subject routing (the oracle), LoRA,
     gated LoRA."""
     return {"memory": [*V, "memory.routing=sequence", "memory.num_chapters=1"],
-            "keys": [*V, "memory.routing=sequence", "memory.num_chapters=1", "memory.scope=keys", *KEYS_REPLAY],
+            "keys": KEYS,
             "subject": [*V, "memory.routing=subject", f"memory.num_chapters={chapters}"],
             "lora": L, "lora-gated": [*L, "lora.gate=subject"]}
 

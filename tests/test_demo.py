@@ -62,7 +62,10 @@ def test_adapter_demo_adds_lora_gated_by_the_same_lookup_when_memory_routes_by_s
     assert adapter_methods(_teach_cfg()) == METHODS
     subject = resolve_config(load_config(_teach_cfg().to_dict(), ["memory.routing=subject", "memory.num_chapters=2"]))
     methods = adapter_methods(subject)
-    assert list(methods) == ["memory", "lora", "memory+lora", "lora-gated"]
+    assert list(methods) == ["memory", "lora", "memory+lora", "lora-gated", "memory-keys"]
+    keys = load_config(subject.to_dict(), methods["memory-keys"])
+    assert (keys.memory.routing, keys.memory.scope, keys.memory.num_chapters) == ("sequence", "keys", 1)
+    assert (keys.data.replay_generated, keys.data.replay_fraction) == (1024, 0.0)
     gated = load_config(subject.to_dict(), methods["lora-gated"])
     assert (gated.memory.enabled, gated.lora.enabled, gated.lora.gate) == (False, True, "subject")
     assert gated.memory.subjects == subject.memory.subjects and len(gated.memory.subjects) == 2

@@ -145,12 +145,20 @@ METHODS = {  # name -> overrides of the teaching config
 }
 
 
+# The list-free read: one chapter read by every position, scoped by keys fitted against samples of the base
+# (configs/teach.yaml's setting; the samples are the keys' background only, not trained on).
+KEYS = ["memory.enabled=true", "lora.enabled=false", "memory.routing=sequence", "memory.num_chapters=1",
+        "memory.scope=keys", "data.replay_generated=1024", "data.replay_fraction=0.0", "data.replay_temperature=0.7"]
+
+
 def adapter_methods(teach_cfg: Config) -> dict[str, list[str]]:
-    """METHODS, plus LoRA gated by the same subject lookup when the memory routes by subject: the baseline that
-    shares subject routing's guarantee on untaught subjects."""
+    """METHODS, plus, when the memory routes by subject, LoRA gated by the same lookup (the baseline that shares
+    subject routing's guarantee on untaught subjects) and the list-free read scoped by keys (what a user without
+    a list of names gets)."""
     if teach_cfg.memory.routing != "subject":
         return METHODS
-    return {**METHODS, "lora-gated": ["memory.enabled=false", "lora.enabled=true", "lora.gate=subject"]}
+    return {**METHODS, "lora-gated": ["memory.enabled=false", "lora.enabled=true", "lora.gate=subject"],
+            "memory-keys": KEYS}
 
 
 def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None,
