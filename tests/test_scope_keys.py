@@ -180,3 +180,21 @@ def test_teaching_in_rounds_keeps_every_rounds_keys(tmp_path, saved_base):
     assert len(first.keys) > 0 and len(alone.keys) > 0
     assert torch.equal(second.keys, torch.cat([first.keys, alone.keys]))
     assert torch.equal(second.thresholds, torch.cat([first.thresholds, alone.thresholds]))
+
+
+def test_a_resumed_run_keeps_its_keys_and_does_not_fit_again(tmp_path, saved_base, monkeypatch):
+    from memory_transformer.train.trainer import Trainer
+
+    raw = {
+        "model": {"pretrained": str(saved_base("llama")), "max_seq_len": 64},
+        "memory": {**KEYS, "num_tokens": 64, "num_heads": 4},
+        "data": {"num_people": 6, "people": [3, 6], "replay_generated": 4, "replay_fraction": 0.0,
+                 "samples_per_epoch": 24},
+        "training": {"max_steps": 2, "batch_size": 4, "save_steps": 1, "log_with": ["none"],
+                     "output_dir": str(tmp_path / "run"), "save_total_limit": None},
+    }
+    train(load_config(raw), progress=False)
+    saved = load_model(tmp_path / "run" / "final").memory.scope.keys
+    monkeypatch.setattr(ScopeKeys, "fit", lambda *a, **k: pytest.fail("a resumed run fitted its keys again"))
+    resumed = Trainer(load_config(raw, ["training.max_steps=3"]), resume=True, progress=False)
+    assert torch.equal(resumed.unwrapped.memory.scope.keys, saved)
