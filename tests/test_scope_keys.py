@@ -135,20 +135,23 @@ def test_config_errors_name_the_key(memory, sections, match):
         check_training(tiny_config("llama", memory=memory, **sections))
 
 
-def test_training_fits_keys_saves_them_and_loads_them_back(tmp_path, saved_base):
-    base = saved_base("llama")
-    raw = {
+def _keys_run(base, out, people=(3, 6), fraction=0.5, steps=2):
+    """A tiny teaching run with keys on the saved base: 4 samples of it as background."""
+    return load_config({
         "model": {"pretrained": str(base), "max_seq_len": 64},
         "memory": {**KEYS, "num_tokens": 64, "num_heads": 4},
-        "data": {"num_people": 6, "people": [3, 6], "replay_generated": 4, "replay_fraction": 0.5,
+        "data": {"num_people": 6, "people": list(people), "replay_generated": 4, "replay_fraction": fraction,
                  "samples_per_epoch": 24},
-        "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "log_with": ["none"],
-                     "output_dir": str(tmp_path / "run"), "save_total_limit": None},
-    }
-    train(load_config(raw), progress=False)
-    loaded = load_model(tmp_path / "run" / "final").memory.scope
+        "training": {"max_steps": steps, "batch_size": 4, "save_steps": 1, "log_with": ["none"],
+                     "output_dir": str(out), "save_total_limit": None},
+    })
+
+
+def test_training_fits_keys_saves_them_and_loads_them_back(tmp_path, saved_base):
     from safetensors.torch import load_file
 
+    train(_keys_run(saved_base("llama"), tmp_path / "run"), progress=False)
+    loaded = load_model(tmp_path / "run" / "final").memory.scope
     saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
     K = len(saved["memory.scope.keys"])
     assert K > 0 and saved["memory.scope.keys"].shape == (K, 32) and saved["memory.scope.thresholds"].shape == (K,)
@@ -162,20 +165,9 @@ def test_teaching_in_rounds_keeps_every_rounds_keys(tmp_path, saved_base):
     from memory_transformer.teach import train_from
 
     base = saved_base("llama")
-
-    def cfg(people: list[int], out: str):
-        return load_config({
-            "model": {"pretrained": str(base), "max_seq_len": 64},
-            "memory": {**KEYS, "num_tokens": 64, "num_heads": 4},
-            "data": {"num_people": 6, "people": people, "replay_generated": 4, "replay_fraction": 0.5,
-                     "samples_per_epoch": 24},
-            "training": {"max_steps": 1, "batch_size": 4, "log_with": ["none"], "output_dir": str(tmp_path / out),
-                         "save_total_limit": None},
-        })
-
-    train(cfg([3, 6], "round-1"), progress=False)
-    train(cfg([0, 3], "alone"), progress=False)  # what round 2's documents fit on their own
-    train_from(cfg([0, 3], "round-2"), tmp_path / "round-1" / "final")
+    train(_keys_run(base, tmp_path / "round-1", steps=1), progress=False)
+    train(_keys_run(base, tmp_path / "alone", (0, 3), steps=1), progress=False)  # round 2's documents alone
+    train_from(_keys_run(base, tmp_path / "round-2", (0, 3), steps=1), tmp_path / "round-1" / "final")
     first, alone, second = (load_model(tmp_path / d / "final").memory.scope for d in ("round-1", "alone", "round-2"))
     assert len(first.keys) > 0 and len(alone.keys) > 0
     assert torch.equal(second.keys, torch.cat([first.keys, alone.keys]))
@@ -185,16 +177,9 @@ def test_teaching_in_rounds_keeps_every_rounds_keys(tmp_path, saved_base):
 def test_a_resumed_run_keeps_its_keys_and_does_not_fit_again(tmp_path, saved_base, monkeypatch):
     from memory_transformer.train.trainer import Trainer
 
-    raw = {
-        "model": {"pretrained": str(saved_base("llama")), "max_seq_len": 64},
-        "memory": {**KEYS, "num_tokens": 64, "num_heads": 4},
-        "data": {"num_people": 6, "people": [3, 6], "replay_generated": 4, "replay_fraction": 0.0,
-                 "samples_per_epoch": 24},
-        "training": {"max_steps": 2, "batch_size": 4, "save_steps": 1, "log_with": ["none"],
-                     "output_dir": str(tmp_path / "run"), "save_total_limit": None},
-    }
-    train(load_config(raw), progress=False)
+    cfg = _keys_run(saved_base("llama"), tmp_path / "run", fraction=0.0)
+    train(cfg, progress=False)
     saved = load_model(tmp_path / "run" / "final").memory.scope.keys
     monkeypatch.setattr(ScopeKeys, "fit", lambda *a, **k: pytest.fail("a resumed run fitted its keys again"))
-    resumed = Trainer(load_config(raw, ["training.max_steps=3"]), resume=True, progress=False)
+    resumed = Trainer(load_config(cfg.to_dict(), ["training.max_steps=3"]), resume=True, progress=False)
     assert torch.equal(resumed.unwrapped.memory.scope.keys, saved)
