@@ -183,3 +183,18 @@ def test_a_resumed_run_keeps_its_keys_and_does_not_fit_again(tmp_path, saved_bas
     monkeypatch.setattr(ScopeKeys, "fit", lambda *a, **k: pytest.fail("a resumed run fitted its keys again"))
     resumed = Trainer(load_config(cfg.to_dict(), ["training.max_steps=3"]), resume=True, progress=False)
     assert torch.equal(resumed.unwrapped.memory.scope.keys, saved)
+
+
+def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch):
+    model = build_model(tiny_config("llama", memory=KEYS))
+    eos = model.tokenizer.eos_token_id
+    seen = {}
+    monkeypatch.setattr(ScopeKeys, "fit", lambda self, t, b, seed=0: seen.update(taught=t, background=b))
+    ids = torch.tensor([[65, 66, eos, 67, 68, 69], [65, 66, 67, 68, 69, 70], [eos, 65, 66, 67, 68, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 6, [1] * 5 + [0]])
+    replay = torch.tensor([[0] * 6, [0] * 6, [0, 0, 0, 1, 1, 0]])
+    model.fit_scope({"input_ids": ids, "attention_mask": mask, "replay": replay},
+                    {"input_ids": ids, "attention_mask": mask})
+    # row 0: from its eos on (4 positions); row 1: none (no document starts in it); row 2: eos and 2 taught tokens
+    assert seen["taught"].shape == (4 + 0 + 3, 32)
+    assert seen["background"].shape == (6 + 6 + 5, 32)  # every real token

@@ -176,15 +176,15 @@ class MemoryModel(nn.Module):
                   batch_size: int = 16, seed: int = 0) -> dict[str, int]:
         """memory.scope keys: fit the codebook (memory/scope.py) on the frozen base's hidden states at the first
         memory layer. `taught` and `background` are examples (input_ids, attention_mask (N, T)); a `replay`
-        tensor in `taught` marks tokens that are not taught (left out). Returns counts for the log."""
+        tensor in `taught` marks tokens that are not taught (left out), and so are the positions of a row before
+        its first end-of-sequence token. Returns counts for the log."""
         from memory_transformer.inject import decoder_layers
 
         norm = decoder_layers(self.base)[min(self.memory.layer_ids)].post_attention_layernorm
         found: list[torch.Tensor] = []
         handle = norm.register_forward_pre_hook(lambda module, args: found.append(args[0]))
 
-        def states(ex: dict[str, torch.Tensor], drop: torch.Tensor | None) -> torch.Tensor:
-            keep = ex["attention_mask"].bool() if drop is None else ex["attention_mask"].bool() & ~drop.bool()
+        def states(ex: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
             out = []
             for i in range(0, len(ex["input_ids"]), batch_size):
                 rows = slice(i, i + batch_size)
@@ -194,10 +194,17 @@ class MemoryModel(nn.Module):
                 out.append(found[0][keep[rows].to(self.device)].float().cpu())
             return torch.cat(out)
 
+        ids, real = taught["input_ids"], taught["attention_mask"].bool()
+        # Taught states only where the document's beginning is in the same row (after an end-of-sequence token):
+        # a row that starts inside a document gives its first positions states without context (position 0 sees
+        # only its own token), which any text starting with that token would reproduce.
+        keep = real & ((ids == self.tokenizer.eos_token_id).long().cumsum(1) > 0)
+        if "replay" in taught:
+            keep &= ~taught["replay"].bool()
         try:
             with eval_mode(self), self.adapters_disabled():
-                taught_states = states(taught, taught.get("replay"))
-                background_states = states(background, None)
+                taught_states = states(taught, keep)
+                background_states = states(background, background["attention_mask"].bool())
         finally:
             handle.remove()
         return self.memory.scope.fit(taught_states, background_states, seed)
