@@ -24,7 +24,7 @@ from torch import nn
 
 from memory_transformer.config import MemoryConfig
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.dispatch import null_scores, read_tokens, softmax_with_null, take
+from memory_transformer.memory.dispatch import class_order, null_scores, read_tokens, softmax_with_null, take
 from memory_transformer.memory.routing import Decide, LearnedRouting, Router, Routing
 
 
@@ -272,12 +272,29 @@ class MemoryAttention(nn.Module):
             out[reads] = self._read_tokens(q[reads][None], bank, part)[0].to(out.dtype)  # float32 under autocast
         return out
 
+    def _reads_rows(self, bank: MemoryBank) -> bool:
+        """Training a float bank of learned K/V with slot top-k: gather the kept rows (`MemoryBank.kv_rows`)
+        instead of taking them from a stacked, differentiable copy of every selected chapter."""
+        return (torch.is_grad_enabled() and self.k is None and bank.kind != "factorized" and not bank.bits
+                and self.slot_top_k is not None and self.slot_top_k < bank.chapter_size)
+
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""
         B, T, H, hd = q.shape
         chapters, inverse = routing.chapters()  # (U,), (B, T, k)
-        K, V = self.project_kv(bank, chapters)  # (U, H, S, h): each selected chapter once
+        rows = None
+        if self._reads_rows(bank):  # the bank enters autograd only through the kept rows
+            # chapters read in the order of the dispatch's batches, so that each batch is a slice of the read
+            order = class_order(inverse.reshape(-1), len(chapters))
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=order.device)
+            chapters, inverse = [chapters[i] for i in order.tolist()], rank[inverse]
+            slots = bank.scratch_read(chapters)  # (U, S, 2w), outside autograd
+            K, V = self._kv(slots)
+            rows = bank.kv_rows(chapters, slots, H)
+        else:
+            K, V = self.project_kv(bank, chapters)  # (U, H, S, h): each selected chapter once
         dropout = self.dropout if self.training else 0.0
         out = read_tokens(q.reshape(B * T, H, hd), K, V, inverse.reshape(B * T, -1),
-                          routing.gates.reshape(B * T, -1), self.slot_top_k, self.null_key, dropout)
+                          routing.gates.reshape(B * T, -1), self.slot_top_k, self.null_key, dropout, rows)
         return out.reshape(B, T, H * hd)
