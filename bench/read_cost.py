@@ -134,12 +134,12 @@ def measure(args) -> dict[str, tuple[float, float, float]]:
     rows = [r for r in ROWS if available(r) and r.key in args.rows]
     h = torch.randn(args.batch, args.seq, args.hidden, requires_grad=True)
     mlp = SwiGLU(args.hidden)
-    mlp_opt = torch.optim.AdamW(mlp.parameters(), lr=1e-4)
+    mlp_opt = torch.optim.AdamW(mlp.parameters(), lr=1e-4, fused=True)  # as train/optim.py
     results = {}
     for row in rows:  # one row at a time (the 1M-slot rows hold GBs), each interleaved with the MLP
         layer, params = make(row, args)
         layer.train()
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train/optim.py
         ratios = {False: [], True: []}
         for i in range(args.repeats + 2):
             for adamw in (False, True):
