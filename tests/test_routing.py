@@ -396,3 +396,19 @@ def test_kept_rows_gathered_from_the_bank_equal_the_stacked_read(k, skewed, monk
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
     read = set(routing.ids.flatten().tolist())
     assert all((grads[1 + c] is None) == (c not in read) for c in range(16)) and (len(read) < 16 or k > 1)
+
+
+def test_cached_reads_under_inference_mode_then_no_grad_agree():
+    """project_kv stacks cache hits into a buffer it keeps: made under inference_mode, it is not reused (nor
+    written) under no_grad, and the reads agree."""
+    attn, bank = _layer(8, 2)
+    attn.eval()
+    h = torch.randn(3, 5, 32)
+    with torch.inference_mode():
+        a, routing = attn(h, bank)
+    assert len(routing.chapters()[0]) > 1
+    with torch.no_grad():
+        b, _ = attn(h, bank)
+        c, _ = attn(h, bank)
+    torch.testing.assert_close(a.clone(), b)
+    torch.testing.assert_close(b, c)
