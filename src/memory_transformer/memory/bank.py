@@ -66,6 +66,28 @@ class _GatherRows(torch.autograd.Function):
         return (None, None, *grads)
 
 
+class MappedChapters:
+    """Read-only stand-in for `Buffers`: chapter i is the tensor `<prefix><i>` of a safetensors file, read from
+    the memory-mapped file when asked for (only its bytes are touched), never held. Not state: a bank mapped
+    this way has no chapters in its state dict."""
+
+    def __init__(self, file, prefix: str, n: int):
+        self.file, self.prefix, self.n = file, prefix, n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.file.get_tensor(f"{self.prefix}{i}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def nbytes(self) -> int:
+        return sum(math.prod(s.get_shape()) * _ITEMSIZE[s.get_dtype()]
+                   for s in (self.file.get_slice(f"{self.prefix}{i}") for i in range(self.n)))
+
+
+_ITEMSIZE = {"I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4}
+
+
 class MemoryBank(nn.Module):
     """kind: `standard` (S, d) chapters; `factorized` M = A @ B^T with A (S, r) per chapter and B (d, r) shared;
     `reduced_dim` (S, r) chapters, read by an attention that works in r dims.
@@ -161,6 +183,8 @@ class MemoryBank(nn.Module):
         """Tensors that determine chapter `chapter` (for cache invalidation): Parameters, or the buffers of a
         quantized chapter."""
         extra = [self.right] if self.kind == "factorized" else []
+        if self.bits and isinstance(self.q, MappedChapters):
+            return extra  # a read-only file: the chapter never changes
         own = [self.q[chapter], self.scale[chapter]] if self.bits else [self.chapters[chapter]]
         return [*own, *extra]
 
@@ -181,10 +205,32 @@ class MemoryBank(nn.Module):
         if self.kind == "factorized":
             self.right.requires_grad_(False)
 
+    @classmethod
+    def mapped(cls, path: str, prefix: str, num_tokens: int, num_chapters: int, dim: int, bits: int,
+               group_size: int = 64, dtype: torch.dtype = torch.float32, **kwargs) -> MemoryBank:
+        """A quantized bank read from a safetensors file (`<prefix>q.<i>`, `<prefix>scale.<i>` as a quantized
+        bank saves them; `<prefix>right` for a factorized one) without loading it: the file is memory-mapped and
+        `read` dequantizes only the chapters asked for, so resident memory grows with the chapters read, not
+        with the bank (which may be larger than RAM). Inference only; `kwargs` as for the constructor."""
+        from safetensors import safe_open
+
+        with torch.device("meta"):  # the float chapters are never materialised
+            bank = cls(num_tokens, num_chapters, dim, **kwargs)
+        file = safe_open(path, framework="pt")
+        del bank.chapters
+        bank.q, bank.scale = MappedChapters(file, f"{prefix}q.", num_chapters), \
+            MappedChapters(file, f"{prefix}scale.", num_chapters)
+        bank.register_buffer("out_dtype", torch.empty(0, dtype=dtype), persistent=False)
+        per_slot = kwargs["rank"] if bank.kind == "factorized" else bank.width * (2 if bank.learned_kv else 1)
+        bank.bits, bank.group_size, bank.num_values = bits, group_size, num_tokens * per_slot
+        if bank.kind == "factorized":
+            bank.right = nn.Parameter(file.get_tensor(f"{prefix}right").to(dtype), requires_grad=False)
+        return bank
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # int8 checkpoints of learned [key | value] rows saved with one scale per row, (S, 1), before the two
         # halves got a scale each: take the saved shape (dequantize reads the number of parts from it).
-        if self.bits == 8:
+        if self.bits == 8 and isinstance(self.scale, Buffers):
             for i in range(len(self.scale)):
                 saved, own = state_dict.get(f"{prefix}scale.{i}"), self.scale[i]
                 if saved is not None and saved.shape[:-1] == own.shape[:-1] and saved.shape != own.shape:
@@ -200,5 +246,7 @@ class MemoryBank(nn.Module):
         scales not counted), bytes include the scales. (0, 0) for a float bank, whose Parameters count instead."""
         if not self.bits:
             return 0, 0
+        if isinstance(self.q, MappedChapters):
+            return self.num_values, self.q.nbytes() + self.scale.nbytes()
         nbytes = sum(t.numel() * t.element_size() for buf in (self.q, self.scale) for t in buf.buffers())
         return self.num_values, nbytes
