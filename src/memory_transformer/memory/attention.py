@@ -313,13 +313,13 @@ class MemoryAttention(nn.Module):
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""
         B, T, H, hd = q.shape
         chapters, inverse = routing.chapters()  # (U,), (B, T, k)
+        # chapters read in the order of the dispatch's batches, so that each batch is a slice of K, V, not a copy
+        order = class_order(inverse.reshape(-1), len(chapters))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        chapters, inverse = [chapters[i] for i in order.tolist()], rank[inverse]
         rows = None
         if self._reads_rows(bank):  # the bank enters autograd only through the kept rows
-            # chapters read in the order of the dispatch's batches, so that each batch is a slice of the read
-            order = class_order(inverse.reshape(-1), len(chapters))
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(order.numel(), device=order.device)
-            chapters, inverse = [chapters[i] for i in order.tolist()], rank[inverse]
             slots = bank.scratch_read(chapters)  # (U, S, 2w), outside autograd
             K, V = self._kv(slots)
             rows = bank.kv_rows(chapters, slots, H)
