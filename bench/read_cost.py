@@ -8,9 +8,12 @@ one token, no autograd, the layer's K/V cache warm: median microseconds per call
 
     python bench/read_cost.py [--repeats 5] [--chapter-size 1024] [--hidden 256] [--batch 8] [--seq 256]
                               [--decode-calls 200] [--skip-million] [--rows a,b,...]
+                              [--mapped-chapters 8192] [--mapped-dir DIR]
 
-`--chapter-size 16 --hidden 32 --batch 2 --seq 8` runs in seconds (tests/test_bench_read_cost.py). The second
-table is the issue's goal table: the ratio rows computed from the first table (today = the issue's numbers).
+`--chapter-size 16 --hidden 32 --batch 2 --seq 8` runs in seconds (tests/test_bench_read_cost.py). The last layer
+row reads a bank from a memory-mapped int8 safetensors file (8,192 chapters x 1,024 slots = 8M slots, 4 GiB on
+disk by default), a chapter not read before at every call. The second table is the issue's goal table: the
+ratio rows computed from the first table (today = the issue's numbers).
 """
 
 from __future__ import annotations
@@ -151,7 +154,64 @@ def measure(args) -> dict[str, tuple[float, float, float]]:
         results[row.key] = (statistics.median(ratios[False]), statistics.median(ratios[True]), dec)
         del layer, params, opt
     results["mlp"] = (1.0, 1.0, decode_us(mlp, torch.randn(1, 1, args.hidden), args.decode_calls))
+    if args.mapped_chapters:
+        results["mapped"] = measure_mapped(args)
     return results
+
+
+def write_int8_bank(path: str, chapters: int, slots: int, row: int) -> int:
+    """A random int8 bank of [key | value] rows, as a quantized bank saves it (`q.<i>`, `scale.<i>`), written
+    chapter by chapter in the safetensors layout (8-byte header size, JSON header, raw data) so that a bank larger
+    than RAM never has to be held (safetensors' save_file takes every tensor in memory). Returns its bytes."""
+    import json
+    header, offset = {}, 0
+    for i in range(chapters):
+        for name, dtype, shape, size in ((f"q.{i}", "I8", [slots, row], slots * row),
+                                         (f"scale.{i}", "F16", [slots, 2], slots * 2 * 2)):
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    g = torch.Generator().manual_seed(0)
+    scale = torch.full((slots, 2), 0.02, dtype=torch.float16).numpy().tobytes()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for _ in range(chapters):
+            f.write(torch.randint(-127, 128, (slots, row), dtype=torch.int8, generator=g).numpy().tobytes())
+            f.write(scale)
+    return offset
+
+
+def resident() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+
+
+def measure_mapped(args) -> tuple[int, float, int, int]:
+    """A `MemoryBank.mapped` int8 bank of `--mapped-chapters` chapters: decode µs per call when every call reads
+    a chapter not read before (file read + dequantize + K/V), and resident memory grown over those calls.
+    -> (bank bytes, µs, chapters read, bytes grown)."""
+    import os
+    import tempfile
+    from memory_transformer.memory.routing import Routing
+    C, S, w = args.mapped_chapters, args.chapter_size, args.hidden
+    with tempfile.TemporaryDirectory(dir=args.mapped_dir) as d:
+        path = os.path.join(d, "bank.safetensors")
+        size = write_int8_bank(path, C, S, 2 * w)
+        attn = MemoryAttention(AttentionArgs(w, w, 4, C, 1, **DEFAULT)).eval()
+        bank = MemoryBank.mapped(path, "", C * S, C, w, 8, learned_kv=True)
+        h, times = torch.randn(1, 1, w), []
+        calls = min(args.decode_calls, C - 1)
+        with torch.inference_mode():
+            attn(h, bank, lambda x, mask: Routing(torch.tensor([[C - 1]]), torch.ones(1, 1)))  # warm
+            before = resident()
+            for i in range(calls):
+                ids = torch.tensor([[i * (C - 1) // calls]])
+                t0 = time.perf_counter()
+                attn(h, bank, lambda x, mask: Routing(ids, torch.ones(1, 1)))
+                times.append(time.perf_counter() - t0)
+            grown = resident() - before
+    return size, statistics.median(times) * 1e6, calls, grown
 
 
 def slots_label(row: Row, args) -> str:
@@ -170,10 +230,14 @@ def table(results: dict, args) -> str:
         (t, a, d), (t0, a0, d0) = results[row.key], TODAY[row.key]
         lines.append(f"| {slots_label(row, args)} | {t0:.2f}x | {t:.2f}x | {a0:.2f}x | {a:.2f}x | {d0:,} | {d:,.0f} |")
     lines.append(f"| SwiGLU MLP d -> 4d -> d | 1x | 1x | 1x | 1x | | {results['mlp'][2]:,.0f} |")
-    return "\n".join(lines + ["", goal_table(results)])
+    if "mapped" in results:
+        size, us, calls, grown = results["mapped"]
+        lines.append(f"| {args.mapped_chapters * args.chapter_size:,} slots int8, memory-mapped "
+                     f"({size / 2**20:,.0f} MiB), a new chapter every call | - | - | - | - | impossible | {us:,.0f} |")
+    return "\n".join(lines + ["", goal_table(results, args)])
 
 
-def goal_table(r: dict) -> str:
+def goal_table(r: dict, args) -> str:
     """The issue's goal rows, as ratios of the rows above (- where a row did not run)."""
     def ratio(a: str, b: str, col: int) -> str:
         return f"{r[a][col] / r[b][col]:.2f}" if a in r and b in r else "-"
@@ -189,6 +253,11 @@ def goal_table(r: dict) -> str:
         ("generation tokens/s, memory ÷ base (bench/generation.py)", "0.44 (hidden 128)", "see generation.py",
          ">= 0.9"),
     ]
+    if "mapped" in r:
+        size, _, calls, grown = r["mapped"]
+        rows.append((f"a bank read memory-mapped ({args.mapped_chapters * args.chapter_size:,} slots int8, "
+                     f"{size / 2**20:,.0f} MiB): resident memory grown after reading {calls} chapters", "impossible",
+                     f"{grown / 2**20:,.1f} MiB", "grows with the chapters read"))
     lines = ["| measure | today | now | goal |", "|---|---:|---:|---:|"]
     return "\n".join(lines + [f"| {m} | {t} | {n} | {g} |" for m, t, n, g in rows])
 
@@ -203,6 +272,9 @@ def parse(argv=None):
     p.add_argument("--decode-calls", type=int, default=200)
     p.add_argument("--rows", default=",".join(r.key for r in ROWS), help="comma-separated row keys to run")
     p.add_argument("--skip-million", action="store_true", help="leave out the 1,024-chapter rows (GBs of RAM)")
+    p.add_argument("--mapped-chapters", type=int, default=8192,
+                   help="chapters of the memory-mapped int8 bank row (0: no such row); written to --mapped-dir")
+    p.add_argument("--mapped-dir", default=None, help="where the mapped bank's file goes (default: the temp dir)")
     args = p.parse_args(argv)
     args.rows = [k for k in args.rows.split(",") if not (args.skip_million and "million" in k)]
     return args

@@ -12,13 +12,16 @@ import read_cost  # noqa: E402
 
 def test_toy_run_prints_every_row():
     text = read_cost.main(["--chapter-size", "16", "--hidden", "32", "--batch", "2", "--seq", "8", "--repeats", "1",
-                           "--decode-calls", "2", "--rows", "small,chapters,token,million,dense,dense_chapters"])
+                           "--decode-calls", "2", "--rows", "small,chapters,token,million,dense,dense_chapters",
+                           "--mapped-chapters", "8"])
     lines = text.splitlines()
     for row in read_cost.ROWS[:6]:
         assert any(line.startswith(f"| {read_cost.slots_label(row, _args())}")
                    for line in lines), row.key
-    goals = [line for line in lines if line.endswith(("| <= 1.3 |", "| <= 1.1 |", "| <= 150 µs |", "| >= 0.9 |"))]
-    assert len(goals) == 5
+    goals = [line for line in lines if line.endswith(("| <= 1.3 |", "| <= 1.1 |", "| <= 150 µs |", "| >= 0.9 |",
+                                                      "| grows with the chapters read |"))]
+    assert len(goals) == 6
+    assert any(line.startswith("| 128 slots int8, memory-mapped") for line in lines)
     assert "| 1,024 chapters ÷ 1 chapter, training step with AdamW | 1.66 | " in text
     assert " - |" not in text.split("| measure |")[1].split("generation")[0]  # every ratio row measured
 
