@@ -174,6 +174,10 @@ class MemoryAttention(nn.Module):
         self._kv_cache.clear()
         self._stack_buffer = None
 
+    def _apply(self, fn, *args, **kwargs):
+        self._stack_buffer = None  # `.to()`, `.half()`, ...: not kept on the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
     def train(self, mode: bool = True):
         self.clear_cache()
         return super().train(mode)

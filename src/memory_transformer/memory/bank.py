@@ -158,6 +158,10 @@ class MemoryBank(nn.Module):
         with torch.no_grad():
             return torch.stack(chapters, out=buf[:math.prod(shape)].view(shape))
 
+    def _apply(self, fn, *args, **kwargs):
+        self._scratch = None  # `.to()`, `.half()`, ...: not kept on the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
     def kv_rows(self, chapters: list[int], slots: torch.Tensor, heads: int) -> Rows:
         """Learned K/V, float bank: a function (pair_chapter (P,), slot (P, H, m)) -> keys, values (P, H, m, h), the
         kept slots' key and value rows of each pair's chapter (an index into `chapters`), with autograd to the
