@@ -36,7 +36,7 @@ def make(slots: int, chapters: int, routing: str, args) -> tuple:
                                          **read)).train()
     bank = MemoryBank(slots, chapters, args.hidden, learned_kv=read["learned_kv"])
     params = [*attn.parameters(), *bank.parameters()]
-    return attn, bank, torch.optim.AdamW(params, lr=1e-4)
+    return attn, bank, torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train/optim.py
 
 
 def step(setup, h: torch.Tensor, adamw: bool) -> float:

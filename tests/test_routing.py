@@ -184,7 +184,9 @@ def test_token_routed_layer_with_padding_equals_the_per_chapter_loop(slot_top_k,
     params = [h, *bank.parameters(), *attn.parameters()]
     out, routing = attn(h, bank, mask=mask)
     grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True, retain_graph=True)
-    monkeypatch.setattr(attention_module, "read_tokens", lambda *a: _loop_reference(*a[:-1]))
+    # the reference: the per-chapter loop over a stacked, differentiable bank (no `MemoryBank.kv_rows`)
+    monkeypatch.setattr(attention_module, "read_tokens", lambda *a: _loop_reference(*a[:7]))
+    monkeypatch.setattr(MemoryAttention, "_reads_rows", lambda self, bank: False)
     ref, ref_routing = attn(h, bank, mask=mask)
     ref_grads = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
     assert torch.equal(routing.ids, ref_routing.ids) and routing.ids.unique().numel() > 2
@@ -362,3 +364,51 @@ def test_generation_routes_as_trained_unless_inference_routing_says_otherwise(tr
     prompt_shape = {r.ids.shape for r in log[0].values()}
     assert prompt_shape == ({(1, 12, 1)} if expected == "token" else {(1, 1)})
     assert default == model.generate(_ids(1, 12), **GREEDY, routing=expected).tolist()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("skewed", [False, True])  # one chapter takes most tokens: the dispatch's size classes
+def test_kept_rows_gathered_from_the_bank_equal_the_stacked_read(k, skewed, monkeypatch):
+    """`MemoryBank.kv_rows` (rows gathered from a no-grad read, gradients written per chapter) against the read
+    through a stacked, differentiable bank: same outputs and gradients, unread chapters get none."""
+    torch.manual_seed(k)
+    attn = MemoryAttention(AttentionArgs(32, 32, 4, 16, k, wo_init="normal", routing="token", learned_kv=True,
+                                         slot_top_k=4))
+    torch.nn.init.normal_(attn.router.proj.weight, std=0.5)
+    bank = MemoryBank(16 * 16, 16, 32, learned_kv=True)
+    h = torch.randn(2, 24, 32, requires_grad=True)
+    if skewed:
+        with torch.no_grad():
+            attn.router.proj.weight[3] += 2 * attn.norm(h).mean((0, 1))  # chapter 3 wins most tokens
+    params = [h, *bank.parameters(), *attn.parameters()]
+    assert attn._reads_rows(bank)
+    out, routing = attn(h, bank)
+    grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+    monkeypatch.setattr(MemoryAttention, "_reads_rows", lambda self, bank: False)
+    ref, _ = attn(h, bank)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+    _, inverse = routing.chapters()
+    assert len(dispatch.size_classes(inverse.flatten(), int(inverse.max()) + 1)) > 1 or not skewed
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    read = set(routing.ids.flatten().tolist())
+    assert all((grads[1 + c] is None) == (c not in read) for c in range(16)) and (len(read) < 16 or k > 1)
+
+
+def test_cached_reads_under_inference_mode_then_no_grad_agree():
+    """project_kv stacks cache hits into a buffer it keeps: made under inference_mode, it is not reused (nor
+    written) under no_grad, and the reads agree."""
+    attn, bank = _layer(8, 2)
+    attn.eval()
+    h = torch.randn(3, 5, 32)
+    with torch.inference_mode():
+        a, routing = attn(h, bank)
+    assert len(routing.chapters()[0]) > 1
+    with torch.no_grad():
+        b, _ = attn(h, bank)
+        c, _ = attn(h, bank)
+    torch.testing.assert_close(a.clone(), b)
+    torch.testing.assert_close(b, c)

@@ -165,3 +165,17 @@ def test_identity_wo_needs_full_width():
         tiny_config(memory={"wo_init": "identity", "bank": "reduced_dim", "bank_rank": 16})
     assert str(err.value) == msg
     assert tiny_config(memory={"wo_init": "zero", "bank": "reduced_dim", "bank_rank": 16}).memory.bank_rank == 16
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 5)])
+def test_generation_read_of_one_chapter_equals_the_general_sparse_read(B, T):
+    """Outside autograd, one chapter, slot top-k: `_read_kept_one_chapter` (few ops per decoded token) gives
+    the read of `_read_sequences_sparse` (here: with autograd on)."""
+    torch.manual_seed(0)
+    attn = MemoryAttention(AttentionArgs(32, 32, 4, 1, 1, wo_init="normal", learned_kv=True, slot_top_k=4)).eval()
+    bank = MemoryBank(64, 1, 32, learned_kv=True)
+    h = torch.randn(B, T, 32)
+    with torch.no_grad():
+        fast, _ = attn(h, bank)
+    general, _ = attn(h, bank)  # grad enabled: the general path
+    torch.testing.assert_close(fast, general.detach(), atol=1e-5, rtol=1e-5)

