@@ -190,6 +190,9 @@ class TrainingConfig:
     max_bad_steps: int = 5
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     gradient_checkpointing: bool = False
+    # several processes: ddp = every process holds the whole model; fsdp = FSDP2 shards the model over them
+    # (memory banks replicated); one process ignores it
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from memory_transformer.io import load_weights, save_model
 from memory_transformer.model import build_model
 from memory_transformer.resolve import resolve_config
 from memory_transformer.train import checkpoint as ckpt
+from memory_transformer.train import distributed as dist
 from memory_transformer.train.optim import make_optimizer, make_scheduler
 
 
@@ -93,9 +94,19 @@ class Trainer:
         self.data = build_data(cfg, self.tokenizer, self.replay_docs)
         self.global_batch = self.train_cfg.batch_size * self.train_cfg.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
+        self.fsdp = self.train_cfg.distributed == "fsdp" and self.acc.num_processes > 1
+        if self.fsdp and self.train_cfg.precision == "fp16":
+            raise ConfigError("training.precision", "fp16 with training.distributed=fsdp is not supported (its loss "
+                              "scaler would need FSDP's sharded one); use bf16 or fp32, or distributed=ddp")
+        if self.fsdp:  # accelerate offers FSDP on accelerators only: sharded here, not wrapped in DDP by prepare
+            model = dist.shard_model(model.to(self.acc.device), self.train_cfg.precision)
         optimizer = make_optimizer(model, self.train_cfg)
         self.scheduler = make_scheduler(optimizer, self.train_cfg, self.total_steps)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.fsdp:
+            self.model, self.optimizer = model, self.acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.bank_params = dist.bank_params(self.unwrapped) if self.fsdp else []
         self.state = TrainState(total_steps=self.total_steps)
         if self.acc.num_processes > 1:  # the model is built alike everywhere; dropout masks now differ per process,
             from accelerate.utils import set_seed  # as one process draws its own mask for every row
@@ -237,7 +248,7 @@ class Trainer:
         distill = self.cfg.data.replay_loss == "distill"  # (memory.scope gate also marks replayed tokens)
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
-            with nullcontext() if last else acc.no_sync(self.model), acc.autocast():
+            with self._no_sync(last), acc.autocast():
                 teacher = self._teacher_logits(mb) if distill and "replay" in mb and mb["replay"].any() else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
                 if teacher is None:
@@ -260,9 +271,17 @@ class Trainer:
                         aux_value = aux.item()
             acc.backward(loss)
             ce_total += ce.detach()
+        dist.sync_bank_grads(self.bank_params)  # fsdp: the replicated banks (DDP syncs them itself)
         lm = (acc.reduce(torch.as_tensor(ce_total, device=acc.device).float(), reduction="sum") / n_tokens).item()
         return {"loss": lm, "router_loss": aux_value, "scope_loss": scope_value, "tokens": int(n_tokens.item()),
                 "usage": usage}
+
+    def _no_sync(self, last: bool):
+        """Within: a micro-batch whose gradients stay local (all but the last of a step)."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.acc.no_sync(self.model)
 
     @torch.no_grad()
     def _teacher_logits(self, mb: dict) -> torch.Tensor:
@@ -285,8 +304,11 @@ class Trainer:
         result = self.loss_and_gradients()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else float("inf")
-        norm = self.acc.clip_grad_norm_(params, max_norm)
-        norm = float(norm) if norm is not None else 0.0
+        if self.fsdp:  # sharded and replicated gradients side by side: torch's clip takes one kind
+            norm = dist.clip_grad_norm(params, max_norm)
+        else:
+            norm = self.acc.clip_grad_norm_(params, max_norm)
+            norm = float(norm) if norm is not None else 0.0
         finite = (math.isfinite(result["loss"]) and math.isfinite(result["router_loss"])
                   and math.isfinite(result["scope_loss"]) and math.isfinite(norm))
         if finite:
@@ -349,8 +371,8 @@ class Trainer:
         metrics = self.evaluate()
         metrics = {"step": self.state.step, **metrics}
         self._log({**metrics, "eval": True, "final": True})
+        self._save_model_folder(self.run_dir / "final")
         if self.acc.is_main_process:
-            ckpt.atomic_write_dir(self.run_dir / "final", lambda d: save_model(self.unwrapped, d))
             from memory_transformer.train.plots import plot_run
 
             plot_run(self.run_dir)
@@ -383,14 +405,19 @@ class Trainer:
         sign = -1.0 if lower_is_better(t.best_metric) else 1.0
         if s.best is None or sign * (value - s.best) > t.early_stopping_threshold:
             s.best, s.evals_without_improvement = value, 0
-            if self.acc.is_main_process:
-                ckpt.atomic_write_dir(self.run_dir / "best", lambda d: save_model(self.unwrapped, d),
-                                      marker={"step": s.step, t.best_metric: value})
-            self.acc.wait_for_everyone()
+            self._save_model_folder(self.run_dir / "best", marker={"step": s.step, t.best_metric: value})
         else:
             s.evals_without_improvement += 1
         patience = t.early_stopping_patience
         return patience is not None and s.evals_without_improvement >= patience
+
+    def _save_model_folder(self, folder: Path, marker: dict | None = None) -> None:
+        """final/ or best/: the usual loadable model folder, written by the main process (under fsdp from the
+        weights gathered from every process, so `load_model` reads it on one process)."""
+        state = dist.full_state_dict(self.model) if self.fsdp else None  # a collective: every process calls it
+        if self.acc.is_main_process:
+            ckpt.atomic_write_dir(folder, lambda d: save_model(self.unwrapped, d, state=state), marker=marker)
+        self.acc.wait_for_everyone()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
