@@ -205,7 +205,10 @@ def _kill_tree(pid: int) -> None:
 
 # (overrides, processes): each RESUME_CASES row on one process, and the tiny one on two (DDP: every process's
 # RNG state and data position are in the checkpoint; with dropout each process draws its own masks)
-RESUME_RUNS = {**{k: (v, 1) for k, v in RESUME_CASES.items()}, "tiny-2-processes": (RESUME_CASES["tiny"], 2)}
+# fsdp: the model and optimizer sharded, the checkpoint written by every process (sharded/); resumed on the same
+# sharding it is exact too
+RESUME_RUNS = {**{k: (v, 1) for k, v in RESUME_CASES.items()}, "tiny-2-processes": (RESUME_CASES["tiny"], 2),
+               "tiny-2-processes-fsdp": ([*RESUME_CASES["tiny"], "training.distributed=fsdp"], 2)}
 
 
 @pytest.mark.parametrize("overrides, processes", RESUME_RUNS.values(), ids=RESUME_RUNS.keys())

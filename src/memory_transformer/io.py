@@ -6,6 +6,9 @@ A saved model is a folder:
   adapter_config.json +          only what was trained (memory, LoRA) and the name of the base:
   adapter_model.safetensors      `load_model` loads the base from there and the adapter onto it
   tokenizer files
+A training checkpoint of a model sharded over processes (`training.distributed: fsdp`) holds `sharded/` (every
+process's shards, torch.distributed.checkpoint in safetensors) instead of the weight files; `load_model` reads it
+on one process too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from memory_transformer.memory.subjects import subject_index
 from memory_transformer.model import MemoryModel, build_model, component_of
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "model.safetensors"
+SHARDED_WEIGHTS = "sharded"  # a training checkpoint under FSDP: every process's shards (train/distributed.py)
 
 
 def _is_adapter(model: MemoryModel) -> bool:
@@ -44,11 +49,7 @@ def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None =
     """Adapter layout (only what was trained) for a frozen pretrained base, else every weight; `adapter`
     forces one or the other. `state`: the full weights to write instead of the model's own (a model sharded
     over processes passes its gathered state dict)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save(out / "config.yaml")
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(out)
+    out = save_model_info(model, directory)
     if _is_adapter(model) if adapter is None else adapter:
         save_file({k: v.contiguous() for k, v in trained_state(model, state).items()}, out / ADAPTER_WEIGHTS)
         base_cfg = model.base.config
@@ -62,6 +63,16 @@ def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None =
         from safetensors.torch import save_model as st_save_model
 
         st_save_model(model, str(out / FULL_WEIGHTS))  # handles tied embeddings
+
+
+def save_model_info(model: MemoryModel, directory: str | Path) -> Path:
+    """What a saved model holds besides its weights: config.yaml and the tokenizer files."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out / "config.yaml")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out)
+    return out
 
 
 def _without_aliases(model: MemoryModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,8 +141,22 @@ def load_weights(model: MemoryModel, src: Path, allow_base_mismatch: bool = Fals
 
         with _readable(src / FULL_WEIGHTS):
             st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
+    elif (src / SHARDED_WEIGHTS).is_dir():  # a checkpoint of a model sharded over processes (FSDP)
+        _load_sharded_weights(model, src / SHARDED_WEIGHTS)
     else:
         raise ConfigError("", f"{src}: no weights ({FULL_WEIGHTS} or {ADAPTER_WEIGHTS}); the folder is incomplete")
+
+
+def _load_sharded_weights(model: MemoryModel, folder: Path) -> None:
+    """The model's weights from a sharded checkpoint (train/distributed.py writes it: keys `model/<name>`),
+    assembled from every process's shards by torch.distributed.checkpoint, here on one process."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {f"model/{k}": v for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():  # DCP warns that it assumes one process: that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=True)
+    model.load_state_dict({k[len("model/"):]: v for k, v in state.items()})
 
 
 @contextlib.contextmanager

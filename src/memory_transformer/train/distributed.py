@@ -101,3 +101,71 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+# A checkpoint of a sharded run keeps its tensors in `sharded/`, written by torch.distributed.checkpoint (DCP) in
+# safetensors: every process writes the shards it holds (`shard-0000R-model-00001-of-00001.safetensors`, the
+# place of each shard in the safetensors header as JSON; a tensor replicated on every process, such as a bank
+# chapter, is written once). Keys: `model/<name>` and `optimizer/<parameter name>/<state>`. What is not a tensor
+# (the optimizer's parameter groups, the shape of each state) is in optimizer.json. DCP reads it back on any
+# number of processes, each taking the slices of its own shards: resuming on another number reshards. No pickle.
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> dict:
+    """Every process writes its shards of the model and optimizer state into `folder` (a collective); returns
+    the optimizer's skeleton for optimizer.json."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors, skeleton = _optimizer_state(model, optimizer)
+    tensors.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    return skeleton
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder, skeleton: dict) -> None:
+    """Restore what `save_sharded` wrote into `model` and `optimizer`, sharded as they are now (FSDP on any
+    number of processes, or a plain model on one)."""
+    import torch.distributed.checkpoint as dcp
+
+    names = dict(model.named_parameters())
+    missing = [n for g in skeleton["param_groups"] for n in g["params"] if n not in names]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint's optimizer has parameters the model lacks: {missing[:3]}")
+    model_state = {f"model/{k}": v for k, v in model.state_dict().items()}
+    optim_state = {f"optimizer/{n}/{stat}": _empty_like_saved(names[n], info)
+                   for n, stats in skeleton["state"].items() for stat, info in stats.items()}
+    dcp.load({**model_state, **optim_state}, storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
+             no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
+    model.load_state_dict({k[len("model/"):]: v for k, v in model_state.items()})
+    optimizer.state.clear()
+    for key, value in optim_state.items():
+        _, name, stat = key.split("/", 2)
+        optimizer.state[names[name]][stat] = value
+    name_of = {id(p): n for n, p in names.items()}
+    for group, saved in zip(optimizer.param_groups, skeleton["param_groups"], strict=True):
+        if [name_of[id(p)] for p in group["params"]] != saved["params"]:
+            raise ValueError(f"{folder}: the optimizer's parameter groups differ from the checkpoint's")
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The optimizer's tensors keyed by parameter name, and a skeleton: parameter groups (names, not objects)
+    and, per state tensor, whether it is shaped (and sharded) like its parameter, else its shape and dtype."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    tensors, shapes = {}, {}
+    for p, stats in optimizer.state.items():
+        n = name_of[id(p)]
+        for stat, v in stats.items():
+            tensors[f"optimizer/{n}/{stat}"] = v
+            like = v.dim() > 0 and tuple(v.shape) == tuple(p.shape)
+            shapes.setdefault(n, {})[stat] = {"like_param": like, "shape": list(v.shape),
+                                              "dtype": str(v.dtype).removeprefix("torch.")}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return tensors, {"param_groups": groups, "state": shapes}
+
+
+def _empty_like_saved(param: torch.Tensor, info: dict) -> torch.Tensor:
+    if info["like_param"]:
+        return torch.zeros_like(param, dtype=getattr(torch, info["dtype"]))
+    return torch.zeros(info["shape"], dtype=getattr(torch, info["dtype"]))

@@ -28,7 +28,7 @@ from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
 from memory_transformer.integrity import verify_folder
-from memory_transformer.io import load_weights, save_model
+from memory_transformer.io import SHARDED_WEIGHTS, load_weights, save_model, save_model_info
 from memory_transformer.model import build_model
 from memory_transformer.resolve import resolve_config
 from memory_transformer.train import checkpoint as ckpt
@@ -424,9 +424,18 @@ class Trainer:
         """Every process hands its RNG state and data position to the main process, which writes the folder: its
         COMPLETE marker therefore comes after every process's state is in it."""
         processes = self._process_states()  # a collective: every process calls it
+        tmp, skeleton = None, None
+        if self.fsdp:  # every process writes its shards into the main process's temp folder first
+            from accelerate.utils import broadcast_object_list
+
+            final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+            tmp = broadcast_object_list([ckpt.temp_dir(final) if self.acc.is_main_process else None])[0]
+            skeleton = dist.save_sharded(self.model, self.optimizer.optimizer, tmp / SHARDED_WEIGHTS)
+            self.acc.wait_for_everyone()  # every shard is written: only now may the folder be marked COMPLETE
         if self.acc.is_main_process:
-            ckpt.save_checkpoint(self.run_dir, self.state.step, lambda d: self._write_checkpoint(d, processes),
-                                 self.train_cfg.save_total_limit)
+            ckpt.save_checkpoint(self.run_dir, self.state.step,
+                                 lambda d: self._write_checkpoint(d, processes, skeleton),
+                                 self.train_cfg.save_total_limit, tmp=tmp)
         self.acc.wait_for_everyone()
 
     def _process_states(self) -> list[dict[str, torch.Tensor]]:
@@ -439,9 +448,15 @@ class Trainer:
 
         return gather_object([own])  # pickled in transit between live processes only; files stay safetensors
 
-    def _write_checkpoint(self, d: Path, processes: list[dict[str, torch.Tensor]]) -> None:
-        save_model(self.unwrapped, d)
-        ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
+    def _write_checkpoint(self, d: Path, processes: list[dict[str, torch.Tensor]], skeleton: dict | None) -> None:
+        """The checkpoint folder's files (written by the main process); `skeleton`: under fsdp, the weights and
+        optimizer state are already in d/sharded, and optimizer.json gets the rest of the optimizer."""
+        if skeleton is None:
+            save_model(self.unwrapped, d)
+            ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
+        else:
+            save_model_info(self.unwrapped, d)
+            ckpt.save_state_dict_tree(skeleton, d / "optimizer")
         ckpt.save_state_dict_tree(self.scheduler.state_dict(), d / "scheduler")
         if self.acc.scaler is not None:  # fp16 loss scale and its growth tracker
             ckpt.save_state_dict_tree(self.acc.scaler.state_dict(), d / "scaler")
@@ -451,9 +466,16 @@ class Trainer:
 
     def _restore(self, d: Path) -> None:
         verify_folder(d)
-        load_weights(self.unwrapped, d)
-        device = _safetensors_device(self.acc.device)
-        self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=device))
+        if (d / SHARDED_WEIGHTS).is_dir():  # saved under fsdp: read on any number of processes (resharded)
+            dist.load_sharded(self.unwrapped, self.optimizer.optimizer, d / SHARDED_WEIGHTS,
+                              ckpt.load_state_dict_tree(d / "optimizer"))
+        elif self.fsdp:
+            raise ConfigError("--resume", f"{d} was saved with training.distributed=ddp (whole weights): resume it "
+                              "with ddp, or with fsdp on one process")
+        else:
+            load_weights(self.unwrapped, d)
+            device = _safetensors_device(self.acc.device)
+            self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=device))
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
         if self.acc.scaler is not None and (d / "scaler.json").is_file():
             self.acc.scaler.load_state_dict(ckpt.load_state_dict_tree(d / "scaler"))
