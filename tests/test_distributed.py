@@ -98,3 +98,51 @@ def test_sharded_checkpoint_resumes_on_one_process_and_loads_without_torch_distr
     x = torch.randint(0, 256, (2, 16))
     at8, final = load_model(tmp_path / "ref" / "checkpoints" / "step-000008"), load_model(tmp_path / "ref" / "final")
     assert torch.equal(at8.eval()(x).logits, final.eval()(x).logits)
+
+
+def _chats(path, n: int) -> None:
+    """`n` chats of 1 to 3 turns: right-padded rows of different lengths (another number of real tokens on each
+    process)."""
+    import random
+
+    rng, words = random.Random(0), "hi there hello what is 4".split()
+    rows = []
+    for _ in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            turns += [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 4)))},
+                      {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 4)))}]
+        rows.append(json.dumps({"messages": turns}) + "\n")
+    path.write_text("".join(rows))
+
+
+def test_token_routing_on_padded_data_matches_one_process(tmp_path):
+    """Token routing pools the real tokens of every process for the router losses: with padding each process has
+    its own count (gather_rows: sizes first, pad, gather, cut). 2 processes equal 1 with the same global batch."""
+    from test_data import CHAT_TEMPLATE
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "[PAD] [UNK] </s> <user> <assistant> hi there hello what is 4".split()
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path / "tok")
+    _chats(tmp_path / "chats.jsonl", 40)
+    cfg_file = tmp_path / "cfg.yaml"
+    load_config(TINY, ["memory.dropout=0.0", "memory.routing=token", "training.max_steps=4",
+                       f"model.tokenizer={tmp_path / 'tok'}", "model.max_seq_len=48",
+                       "data.mode=instruction_finetuning", f"data.source={tmp_path / 'chats.jsonl'}",
+                       "data.eval_fraction=0.1"]).save(cfg_file)
+    one = _launch(1, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'one'}",
+                  "--set", "training.batch_size=8")
+    two = _launch(2, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'two'}",
+                  "--set", "training.batch_size=4")
+    assert one.wait(timeout=300) == 0, one.stderr.read()[-3000:]
+    assert two.wait(timeout=300) == 0, two.stderr.read()[-3000:]
+    rows = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                  if '"eval"' not in x] for run in ("one", "two")}
+    assert len(rows["one"]) == len(rows["two"]) == 4
+    for a, b in zip(rows["one"], rows["two"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["router_loss"] - b["router_loss"]) <= 1e-5, (a, b)

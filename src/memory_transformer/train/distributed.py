@@ -1,4 +1,7 @@
-"""`training.distributed: fsdp`: the model sharded over processes with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+"""Training on several processes beyond what DDP does by itself: variable-length rows gathered from every process
+(`gather_rows`), the model sharded with FSDP2 (`training.distributed: fsdp`), and its sharded checkpoints.
+
+`training.distributed: fsdp` shards the model with `torch.distributed.fsdp.fully_shard`.
 
 Why not accelerate's FSDP plugin: accelerate enables FSDP only on accelerators (its CPU processes are always
 DDP), so the trainer calls `fully_shard` itself, after the model is built and its hooks are registered, and
@@ -21,6 +24,18 @@ from torch import nn
 
 from memory_transformer.inject import decoder_layers
 from memory_transformer.memory.bank import MemoryBank
+
+
+def gather_rows(acc, x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of `x` (N_r, ...), concatenated in process order, where N_r differs between processes
+    (token routing on padded data: each process has its own number of real tokens). The sizes are gathered
+    first, every process pads to the largest, and the padding is cut out of the gathered rows."""
+    if acc.num_processes == 1:
+        return x
+    sizes = acc.gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    gathered = acc.gather(acc.pad_across_processes(x, dim=0))  # (W * max N_r, ...)
+    most = max(sizes)
+    return torch.cat([gathered[r * most : r * most + n] for r, n in enumerate(sizes)])
 
 
 def bank_params(model: nn.Module) -> list[nn.Parameter]:

@@ -266,7 +266,7 @@ class Trainer:
                             loss = loss + scope / len(micro)
                             scope_value += scope.item() / len(micro)
                     if last and pooled:  # router losses once, over the global batch
-                        aux = memory.aux_loss({i: acc.gather(torch.cat(xs)) for i, xs in pooled.items()})
+                        aux = memory.aux_loss({i: dist.gather_rows(acc, torch.cat(xs)) for i, xs in pooled.items()})
                         loss = loss + aux
                         aux_value = aux.item()
             acc.backward(loss)
