@@ -73,10 +73,11 @@ def test_distributed_key_names_the_allowed_values():
     assert str(e.value) == "training.distributed: got 'zero3'; allowed: ddp | fsdp"
 
 
-def test_sharded_checkpoint_resumes_on_one_process_and_loads_without_torch_distributed(tmp_path):
-    """An FSDP checkpoint holds each process's shards (sharded/), not whole weights; it resumes on 1 process
-    (DCP reassembles the shards: resharding) to the weights of the uninterrupted 2-process run, within FSDP_TOL
-    (1 process sums the global batch's gradients in another order); `load_model` reads it on one process."""
+def test_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
+    """An FSDP checkpoint holds each process's shards (sharded/), not whole weights. Resharding: it resumes on 1
+    process (DCP reassembles the shards), whose own checkpoint resumes on 2 again; both reach the weights of the
+    uninterrupted 2-process run within FSDP_TOL (1 process sums the global batch's gradients in another order).
+    `load_model` reads a sharded checkpoint on one process."""
     cfg_file = tmp_path / "cfg.yaml"
     load_config(TINY, ["memory.dropout=0.0", "training.max_steps=8", "training.save_steps=4", "training.batch_size=2",
                        "training.distributed=fsdp"]).save(cfg_file)
@@ -89,12 +90,19 @@ def test_sharded_checkpoint_resumes_on_one_process_and_loads_without_torch_distr
     assert {"process-0.safetensors", "process-1.safetensors", "optimizer.json", "COMPLETE"} <= {
         p.name for p in step4.iterdir()}
     one = _launch(1, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'one'}",
-                  "--set", "training.batch_size=4", "--resume", str(step4))
+                  "--set", "training.batch_size=4", "--set", "training.save_steps=2", "--resume", str(step4))
     assert one.wait(timeout=300) == 0, one.stderr.read()[-3000:]
+    step6 = tmp_path / "one" / "checkpoints" / "step-000006"
+    assert [p.name for p in (step6 / "sharded").iterdir()] == ["shard-00001-model-00001-of-00001.safetensors"]
+    back = _launch(2, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'back'}",
+                   "--resume", str(step6))
+    assert back.wait(timeout=300) == 0, back.stderr.read()[-3000:]
     a, b = _losses(tmp_path / "ref")[4:], _losses(tmp_path / "one")
     assert len(b) == 4 and all(abs(x - y) <= FSDP_TOL for x, y in zip(a, b)), (a, b)
-    wa, wb = _weights(tmp_path / "ref" / "final"), _weights(tmp_path / "one" / "final")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= FSDP_TOL
+    wa = _weights(tmp_path / "ref" / "final")
+    for run in ("one", "back"):
+        wb = _weights(tmp_path / run / "final")
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= FSDP_TOL, run
     x = torch.randint(0, 256, (2, 16))
     at8, final = load_model(tmp_path / "ref" / "checkpoints" / "step-000008"), load_model(tmp_path / "ref" / "final")
     assert torch.equal(at8.eval()(x).logits, final.eval()(x).logits)

@@ -133,7 +133,8 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> 
 
     tensors, skeleton = _optimizer_state(model, optimizer)
     tensors.update({f"model/{k}": v for k, v in model.state_dict().items()})
-    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True),
+             no_dist=not _several())
     return skeleton
 
 
@@ -150,7 +151,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder, ske
     optim_state = {f"optimizer/{n}/{stat}": _empty_like_saved(names[n], info)
                    for n, stats in skeleton["state"].items() for stat, info in stats.items()}
     dcp.load({**model_state, **optim_state}, storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
-             no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
+             no_dist=not _several())
     model.load_state_dict({k[len("model/"):]: v for k, v in model_state.items()})
     optimizer.state.clear()
     for key, value in optim_state.items():
@@ -161,6 +162,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder, ske
         if [name_of[id(p)] for p in group["params"]] != saved["params"]:
             raise ValueError(f"{folder}: the optimizer's parameter groups differ from the checkpoint's")
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _several() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

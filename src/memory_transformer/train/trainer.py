@@ -425,7 +425,8 @@ class Trainer:
         COMPLETE marker therefore comes after every process's state is in it."""
         processes = self._process_states()  # a collective: every process calls it
         tmp, skeleton = None, None
-        if self.fsdp:  # every process writes its shards into the main process's temp folder first
+        if self.train_cfg.distributed == "fsdp":  # (on one process too: the checkpoint then resumes on several)
+            # every process writes its shards into the main process's temp folder first
             from accelerate.utils import broadcast_object_list
 
             final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
