@@ -388,8 +388,11 @@ class Trainer:
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
     def evaluate(self, probes: list[str] | None = None) -> dict:
-        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes, self.train_cfg.eval_recall_people,
-                           progress=self.progress and self.acc.is_main_process)
+        # prepare() makes a DDP model's forward autocast; a model sharded here needs it said (bf16 parameters
+        # meet the float32 banks)
+        with self.acc.autocast() if self.fsdp else nullcontext():
+            metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes,
+                               self.train_cfg.eval_recall_people, progress=self.progress and self.acc.is_main_process)
         self.model.train()
         return metrics
 
