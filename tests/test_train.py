@@ -205,10 +205,11 @@ def _kill_tree(pid: int) -> None:
 
 # (overrides, processes): each RESUME_CASES row on one process, and the tiny one on two (DDP: every process's
 # RNG state and data position are in the checkpoint; with dropout each process draws its own masks)
-# fsdp: the model and optimizer sharded, the checkpoint written by every process (sharded/); resumed on the same
-# sharding it is exact too
+# fsdp: the model and optimizer sharded, the checkpoint written by every process (sharded/); shard-chapters: each
+# process holds half the chapters and their optimizer state (optimizer-R); resumed on the same sharding: exact too
 RESUME_RUNS = {**{k: (v, 1) for k, v in RESUME_CASES.items()}, "tiny-2-processes": (RESUME_CASES["tiny"], 2),
-               "tiny-2-processes-fsdp": ([*RESUME_CASES["tiny"], "training.distributed=fsdp"], 2)}
+               "tiny-2-processes-fsdp": ([*RESUME_CASES["tiny"], "training.distributed=fsdp"], 2),
+               "tiny-2-processes-shard-chapters": ([*RESUME_CASES["tiny"], "memory.shard_chapters=true"], 2)}
 
 
 @pytest.mark.parametrize("overrides, processes", RESUME_RUNS.values(), ids=RESUME_RUNS.keys())

@@ -88,17 +88,24 @@ def sync_bank_grads(params: list[nn.Parameter]) -> None:
             offset += g.numel()
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """The global L2 norm of all gradients (sharded DTensors and replicated bank tensors), clipped to `max_norm`
-    like `torch.nn.utils.clip_grad_norm_`; returns the norm before clipping."""
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, local: list[nn.Parameter] = ()) -> float:
+    """The global L2 norm of all gradients, clipped to `max_norm` like `torch.nn.utils.clip_grad_norm_`; returns
+    the norm before clipping. Sharded DTensors and the parameters in `local` (chapters held by one process) add
+    up over processes; the other gradients are alike on every process."""
     from torch.distributed.tensor import DTensor
 
     sharded = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
+    local_ids = {id(p) for p in local}
     grads = [p.grad for p in params if p.grad is not None]
-    for g in grads:
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
         if isinstance(g, DTensor):
             sharded += g.to_local().double().pow(2).sum().cpu()
+        elif id(p) in local_ids:
+            sharded += g.double().pow(2).sum().cpu()
         else:
             replicated += g.double().pow(2).sum().cpu()
     if dist.is_initialized():

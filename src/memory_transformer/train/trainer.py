@@ -32,6 +32,7 @@ from memory_transformer.io import SHARDED_WEIGHTS, load_weights, save_model, sav
 from memory_transformer.model import build_model
 from memory_transformer.resolve import resolve_config
 from memory_transformer.train import checkpoint as ckpt
+from memory_transformer.train import chapters
 from memory_transformer.train import distributed as dist
 from memory_transformer.train.optim import make_optimizer, make_scheduler
 
@@ -100,6 +101,7 @@ class Trainer:
                               "scaler would need FSDP's sharded one); use bf16 or fp32, or distributed=ddp")
         if self.fsdp:  # accelerate offers FSDP on accelerators only: sharded here, not wrapped in DDP by prepare
             model = dist.shard_model(model.to(self.acc.device), self.train_cfg.precision)
+        self.chapter_shards = self._shard_chapters(model) if cfg.memory.shard_chapters else []
         optimizer = make_optimizer(model, self.train_cfg)
         self.scheduler = make_scheduler(optimizer, self.train_cfg, self.total_steps)
         if self.fsdp:
@@ -118,6 +120,23 @@ class Trainer:
             self._create_run_dir()  # good, does the run folder appear
         if trackers:
             self.acc.init_trackers("memory-transformer", config=_flat(cfg.to_dict()))
+
+    def _shard_chapters(self, model) -> list[chapters.ChapterShards]:
+        """memory.shard_chapters on several processes: each keeps its own chapters; DDP leaves every chapter
+        alone (they differ between processes; train/chapters.py moves their gradients)."""
+        if self.acc.num_processes == 1:
+            return []
+        if self.fsdp:
+            raise ConfigError("memory.shard_chapters", "works with training.distributed=ddp only")
+        from torch.nn.parallel import DistributedDataParallel
+
+        shards = chapters.shard_banks(model)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, chapters.chapter_names(model))
+        return shards
+
+    def _whole_banks(self):
+        """Within: every process holds every chapter (memory.shard_chapters: for evaluation and saving)."""
+        return chapters.whole(self.chapter_shards)
 
     @property
     def unwrapped(self):
@@ -304,8 +323,8 @@ class Trainer:
         result = self.loss_and_gradients()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else float("inf")
-        if self.fsdp:  # sharded and replicated gradients side by side: torch's clip takes one kind
-            norm = dist.clip_grad_norm(params, max_norm)
+        if self.fsdp or self.chapter_shards:  # gradients held by one process beside replicated ones
+            norm = dist.clip_grad_norm(params, max_norm, local=[p for s in self.chapter_shards for p in s.params()])
         else:
             norm = self.acc.clip_grad_norm_(params, max_norm)
             norm = float(norm) if norm is not None else 0.0
@@ -390,7 +409,7 @@ class Trainer:
     def evaluate(self, probes: list[str] | None = None) -> dict:
         # prepare() makes a DDP model's forward autocast; a model sharded here needs it said (bf16 parameters
         # meet the float32 banks)
-        with self.acc.autocast() if self.fsdp else nullcontext():
+        with self.acc.autocast() if self.fsdp else nullcontext(), self._whole_banks():
             metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes,
                                self.train_cfg.eval_recall_people, progress=self.progress and self.acc.is_main_process)
         self.model.train()
@@ -418,9 +437,10 @@ class Trainer:
         """final/ or best/: the usual loadable model folder, written by the main process (under fsdp from the
         weights gathered from every process, so `load_model` reads it on one process)."""
         state = dist.full_state_dict(self.model) if self.fsdp else None  # a collective: every process calls it
-        if self.acc.is_main_process:
-            ckpt.atomic_write_dir(folder, lambda d: save_model(self.unwrapped, d, state=state), marker=marker)
-        self.acc.wait_for_everyone()
+        with self._whole_banks():
+            if self.acc.is_main_process:
+                ckpt.atomic_write_dir(folder, lambda d: save_model(self.unwrapped, d, state=state), marker=marker)
+            self.acc.wait_for_everyone()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -428,19 +448,22 @@ class Trainer:
         COMPLETE marker therefore comes after every process's state is in it."""
         processes = self._process_states()  # a collective: every process calls it
         tmp, skeleton = None, None
-        if self.train_cfg.distributed == "fsdp":  # (on one process too: the checkpoint then resumes on several)
-            # every process writes its shards into the main process's temp folder first
-            from accelerate.utils import broadcast_object_list
+        if self.train_cfg.distributed == "fsdp" or self.chapter_shards:  # every process writes its part into
+            from accelerate.utils import broadcast_object_list  # the main process's temp folder first
 
             final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
             tmp = broadcast_object_list([ckpt.temp_dir(final) if self.acc.is_main_process else None])[0]
-            skeleton = dist.save_sharded(self.model, self.optimizer.optimizer, tmp / SHARDED_WEIGHTS)
-            self.acc.wait_for_everyone()  # every shard is written: only now may the folder be marked COMPLETE
-        if self.acc.is_main_process:
-            ckpt.save_checkpoint(self.run_dir, self.state.step,
-                                 lambda d: self._write_checkpoint(d, processes, skeleton),
-                                 self.train_cfg.save_total_limit, tmp=tmp)
-        self.acc.wait_for_everyone()
+            if self.chapter_shards:  # the optimizer state of this process's chapters
+                ckpt.save_state_dict_tree(self.optimizer.state_dict(), tmp / f"optimizer-{self.acc.process_index}")
+            else:  # fsdp (on one process too: the checkpoint then resumes on several)
+                skeleton = dist.save_sharded(self.model, self.optimizer.optimizer, tmp / SHARDED_WEIGHTS)
+            self.acc.wait_for_everyone()  # every part is written: only now may the folder be marked COMPLETE
+        with self._whole_banks():
+            if self.acc.is_main_process:
+                ckpt.save_checkpoint(self.run_dir, self.state.step,
+                                     lambda d: self._write_checkpoint(d, processes, skeleton),
+                                     self.train_cfg.save_total_limit, tmp=tmp)
+            self.acc.wait_for_everyone()
 
     def _process_states(self) -> list[dict[str, torch.Tensor]]:
         """RNG state and data position of every process, indexed by process (gathered to all of them)."""
@@ -457,7 +480,8 @@ class Trainer:
         optimizer state are already in d/sharded, and optimizer.json gets the rest of the optimizer."""
         if skeleton is None:
             save_model(self.unwrapped, d)
-            ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
+            if not self.chapter_shards:
+                ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
         else:
             save_model_info(self.unwrapped, d)
             ckpt.save_state_dict_tree(skeleton, d / "optimizer")
@@ -477,9 +501,10 @@ class Trainer:
             raise ConfigError("--resume", f"{d} was saved with training.distributed=ddp (whole weights): resume it "
                               "with ddp, or with fsdp on one process")
         else:
-            load_weights(self.unwrapped, d)
+            with self._whole_banks():
+                load_weights(self.unwrapped, d)
             device = _safetensors_device(self.acc.device)
-            self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=device))
+            self.optimizer.load_state_dict(ckpt.load_state_dict_tree(self._optimizer_file(d), device=device))
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
         if self.acc.scaler is not None and (d / "scaler.json").is_file():
             self.acc.scaler.load_state_dict(ckpt.load_state_dict_tree(d / "scaler"))
@@ -492,6 +517,16 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if not self.new_run_dir:
                 self._record_config_change()
+
+    def _optimizer_file(self, d: Path) -> Path:
+        """memory.shard_chapters: each process's optimizer has its own chapters (same number of processes only)."""
+        if not self.chapter_shards:
+            return d / "optimizer"
+        own = d / f"optimizer-{self.acc.process_index}"
+        if not own.with_name(own.name + ".json").is_file():
+            raise ConfigError("--resume", f"{d} has no optimizer state for process {self.acc.process_index} with "
+                              "memory.shard_chapters: resume on the number of processes that saved it")
+        return own
 
     def _restore_process_state(self, d: Path, saved_processes: int) -> None:
         """This process's RNG state and data position. On another number of processes than the checkpoint's, the
