@@ -31,6 +31,7 @@ class ChapterShards:
         self.bank, self.group = bank, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.shapes = [tuple(p.shape) for p in bank.chapters]
+        self.dtype, self.device = bank.chapters[0].dtype, bank.chapters[0].device
         self.owned = [c for c in range(len(self.shapes)) if c % self.world == self.rank]
         for c, p in enumerate(bank.chapters):
             if c % self.world != self.rank:  # the same Parameter object, without data: no gradient, no optimizer
@@ -41,7 +42,7 @@ class ChapterShards:
 
     def read(self, chapter_ids: list[int]) -> torch.Tensor:
         """The given chapters (U, S, row), fetched from their owners (a collective)."""
-        wanted = torch.zeros(len(self.shapes), dtype=torch.int32)
+        wanted = torch.zeros(len(self.shapes), dtype=torch.int32, device=self.device)
         wanted[chapter_ids] = 1
         dist.all_reduce(wanted, group=self.group)
         union = wanted.nonzero().flatten().tolist()  # read on any process, ascending
@@ -56,14 +57,9 @@ class ChapterShards:
         """The Parameters of this process's chapters."""
         return [self.bank.chapters[c] for c in self.owned]
 
-    def owned_bytes(self) -> int:
-        return sum(self.bank.chapters[c].numel() * self.bank.chapters[c].element_size() for c in self.owned)
-
     def gather(self) -> None:
         """Give every placeholder its chapter's data (from its owner)."""
-        ref = self.bank.chapters[self.owned[0]] if self.owned else None
-        dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.float32, torch.device("cpu"))
-        full = torch.zeros(len(self.shapes), *self.shapes[0], dtype=dtype, device=device)
+        full = torch.zeros(len(self.shapes), *self.shapes[0], dtype=self.dtype, device=self.device)
         for c in self.owned:
             full[c] = self.bank.chapters[c].detach()
         dist.all_reduce(full, group=self.group)
@@ -84,10 +80,7 @@ class _Fetch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shards: ChapterShards, union: list[int], owned: list[int], anchor: torch.Tensor,
                 *params: torch.Tensor):
-        shape = shards.shapes[union[0]]
-        ref = params[0] if params else None
-        buf = torch.zeros(len(union), *shape, dtype=ref.dtype if ref is not None else torch.float32,
-                          device=ref.device if ref is not None else None)
+        buf = torch.zeros(len(union), *shards.shapes[union[0]], dtype=shards.dtype, device=shards.device)
         where = {c: i for i, c in enumerate(union)}
         for c, p in zip(owned, params):
             buf[where[c]] = p
@@ -106,7 +99,7 @@ class _Fetch(torch.autograd.Function):
 def shard_banks(model: nn.Module) -> list[ChapterShards]:
     """Spread every bank's chapters over the processes (call once, on every process, before the optimizer and
     DDP are made); returns one `ChapterShards` per bank."""
-    group = dist.new_group(backend="gloo" if not torch.cuda.is_available() else None)
+    group = dist.new_group()  # the default backend: gloo on CPUs
     banks = {id(m): m for m in model.modules() if isinstance(m, MemoryBank)}
     return [ChapterShards(b, group) for b in banks.values()]
 

@@ -130,7 +130,7 @@ class Trainer:
             raise ConfigError("memory.shard_chapters", "works with training.distributed=ddp only")
         from torch.nn.parallel import DistributedDataParallel
 
-        shards = chapters.shard_banks(model)
+        shards = chapters.shard_banks(model.to(self.acc.device))
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, chapters.chapter_names(model))
         return shards
 
