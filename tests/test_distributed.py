@@ -174,14 +174,17 @@ def test_token_routing_on_padded_data_matches_one_process(tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["router_loss"] - b["router_loss"]) <= 1e-5, (a, b)
 
 
-def test_sharded_chapters_train_like_the_whole_bank(tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["memory.routing=token", "training.batch_size=1",
+                                            "training.grad_accum_steps=2"]], ids=["sequence", "token-accum2"])
+def test_sharded_chapters_train_like_the_whole_bank(tmp_path, overrides):
     """memory.shard_chapters: each of 2 processes holds 4 of the 8 chapters, the chapters read anywhere are fetched
     from their owners and their gradients sent back. Losses and final weights equal those of the same 2-process
     run with the whole bank on each process within 1e-5 (measured 4e-7: the fetched values are exact, the mean of
-    2 gradients too; only the clipping norm is summed in another order)."""
+    2 gradients too; only the clipping norm is summed in another order). Token routing with 2 micro-batches: the
+    fetch and the gradient return run once per micro-batch."""
     cfg_file = tmp_path / "cfg.yaml"
     load_config(TINY, ["memory.dropout=0.0", "training.max_steps=6", "training.batch_size=2", "memory.num_chapters=8",
-                       "memory.top_k=2"]).save(cfg_file)
+                       "memory.top_k=2", *overrides]).save(cfg_file)
     runs = {sh: _launch(2, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / sh}",
                         "--set", f"memory.shard_chapters={sh}") for sh in ("false", "true")}
     for sh, proc in runs.items():

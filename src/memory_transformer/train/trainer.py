@@ -128,6 +128,9 @@ class Trainer:
             return []
         if self.fsdp:
             raise ConfigError("memory.shard_chapters", "works with training.distributed=ddp only")
+        if self.cfg.memory.routing == "subject":  # a read is a collective: every process must read at every layer
+            raise ConfigError("memory.shard_chapters", "not with memory.routing=subject (a batch without a subject "
+                              "reads nothing, while the other processes wait for it to fetch chapters)")
         from torch.nn.parallel import DistributedDataParallel
 
         shards = chapters.shard_banks(model.to(self.acc.device))
@@ -268,7 +271,9 @@ class Trainer:
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
             with self._no_sync(last), acc.autocast():
-                teacher = self._teacher_logits(mb) if distill and "replay" in mb and mb["replay"].any() else None
+                # (fsdp: a forward is a collective, so every process runs the teacher if any might)
+                replayed = "replay" in mb and (self.fsdp or bool(mb["replay"].any()))
+                teacher = self._teacher_logits(mb) if distill and replayed else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
                 if teacher is None:
                     ce, _ = token_loss_sums(out.logits, mb["labels"])
@@ -521,6 +526,9 @@ class Trainer:
     def _optimizer_file(self, d: Path) -> Path:
         """memory.shard_chapters: each process's optimizer has its own chapters (same number of processes only)."""
         if not self.chapter_shards:
+            if (d / "optimizer-0.json").is_file() and not (d / "optimizer.json").is_file():
+                raise ConfigError("--resume", f"{d} was saved with memory.shard_chapters on several processes: "
+                                  "resume it on the number of processes that saved it")
             return d / "optimizer"
         own = d / f"optimizer-{self.acc.process_index}"
         if not own.with_name(own.name + ".json").is_file():
