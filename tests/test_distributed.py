@@ -95,10 +95,10 @@ def test_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
     """An FSDP checkpoint holds each process's shards (sharded/), not whole weights. Resharding: it resumes on 1
     process (DCP reassembles the shards), whose own checkpoint resumes on 2 again; both reach the weights of the
     uninterrupted 2-process run within FSDP_TOL (1 process sums the global batch's gradients in another order).
-    `load_model` reads a sharded checkpoint on one process."""
+    `load_model` reads a sharded checkpoint on one process; best/ is gathered like final/."""
     cfg_file = tmp_path / "cfg.yaml"
     load_config(TINY, ["memory.dropout=0.0", "training.max_steps=8", "training.save_steps=4", "training.batch_size=2",
-                       "training.distributed=fsdp"]).save(cfg_file)
+                       "training.distributed=fsdp", "training.eval_steps=4"]).save(cfg_file)
     ref = _launch(2, "train", "--config", str(cfg_file), "--set", f"training.output_dir={tmp_path / 'ref'}")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()[-3000:]
     step4 = tmp_path / "ref" / "checkpoints" / "step-000004"
@@ -124,6 +124,10 @@ def test_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
     x = torch.randint(0, 256, (2, 16))
     at8, final = load_model(tmp_path / "ref" / "checkpoints" / "step-000008"), load_model(tmp_path / "ref" / "final")
     assert torch.equal(at8.eval()(x).logits, final.eval()(x).logits)
+    best = tmp_path / "ref" / "best"  # gathered like final/: the model of the best evaluation (step 4 or 8)
+    step = json.loads((best / "COMPLETE").read_text())["step"]
+    at = load_model(tmp_path / "ref" / "checkpoints" / f"step-{step:06d}")
+    assert torch.equal(load_model(best).eval()(x).logits, at.eval()(x).logits)
 
 
 def _chats(path, n: int) -> None:

@@ -1,12 +1,11 @@
 """Training on several processes beyond what DDP does by itself: variable-length rows gathered from every process
 (`gather_rows`), the model sharded with FSDP2 (`training.distributed: fsdp`), and its sharded checkpoints.
 
-`training.distributed: fsdp` shards the model with `torch.distributed.fsdp.fully_shard`.
-
-Why not accelerate's FSDP plugin: accelerate enables FSDP only on accelerators (its CPU processes are always
-DDP), so the trainer calls `fully_shard` itself, after the model is built and its hooks are registered, and
-before the optimizer is made (FSDP2 swaps every sharded Parameter for a DTensor). `fully_shard` keeps each module
-object (it changes only its class), so the memory's hooks on decoder layers survive the wrapping.
+The trainer calls torch's `fully_shard` itself rather than accelerate's FSDP plugin, because accelerate enables
+FSDP only on accelerators (its CPU processes are always DDP) and cannot leave the banks out. It does so after the
+model is built and its hooks are registered, and before the optimizer is made (FSDP2 swaps every sharded
+Parameter for a DTensor). `fully_shard` keeps each module object (it changes only its class), so the memory's
+hooks on decoder layers survive the wrapping.
 
 Each decoder layer of the base is one FSDP unit (gathered for its forward, resharded after), the rest of the model
 (embeddings, head, memory attention and router) is the root unit. The memory banks are left out
@@ -108,8 +107,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, local: list[nn.P
             sharded += g.double().pow(2).sum().cpu()
         else:
             replicated += g.double().pow(2).sum().cpu()
-    if dist.is_initialized():
-        dist.all_reduce(sharded)  # each process holds its own shard; replicated tensors are alike everywhere
+    if dist.is_initialized():  # each process holds its own shard; replicated tensors are alike everywhere
+        on_device = sharded.to(params[0].device if params else "cpu")  # (NCCL reduces GPU tensors only)
+        dist.all_reduce(on_device)
+        sharded = on_device.cpu()
     norm = float((sharded + replicated).sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
