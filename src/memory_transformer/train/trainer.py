@@ -15,7 +15,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,13 +27,13 @@ from memory_transformer.data import build_data
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
 from memory_transformer.integrity import verify_folder
-from memory_transformer.io import SHARDED_WEIGHTS, load_weights, save_model, save_model_info
+from memory_transformer.io import save_model
 from memory_transformer.model import build_model
 from memory_transformer.resolve import resolve_config
 from memory_transformer.train import checkpoint as ckpt
-from memory_transformer.train import chapters
 from memory_transformer.train import distributed as dist
 from memory_transformer.train.optim import make_optimizer, make_scheduler
+from memory_transformer.train.placement import Placement
 
 
 REPLAY_FILE = "replay_samples.jsonl"
@@ -95,20 +94,9 @@ class Trainer:
         self.data = build_data(cfg, self.tokenizer, self.replay_docs)
         self.global_batch = self.train_cfg.batch_size * self.train_cfg.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
-        self.fsdp = self.train_cfg.distributed == "fsdp" and self.acc.num_processes > 1
-        if self.fsdp and self.train_cfg.precision == "fp16":
-            raise ConfigError("training.precision", "fp16 with training.distributed=fsdp is not supported (its loss "
-                              "scaler would need FSDP's sharded one); use bf16 or fp32, or distributed=ddp")
-        if self.fsdp:  # accelerate offers FSDP on accelerators only: sharded here, not wrapped in DDP by prepare
-            model = dist.shard_model(model.to(self.acc.device), self.train_cfg.precision)
-        self.chapter_shards = self._shard_chapters(model) if cfg.memory.shard_chapters else []
-        optimizer = make_optimizer(model, self.train_cfg)
-        self.scheduler = make_scheduler(optimizer, self.train_cfg, self.total_steps)
-        if self.fsdp:
-            self.model, self.optimizer = model, self.acc.prepare(optimizer)
-        else:
-            self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.bank_params = dist.bank_params(self.unwrapped) if self.fsdp else []
+        self.placement = Placement(self.acc, cfg)  # ddp, fsdp, chapters split over processes
+        self.model, self.optimizer = self.placement.prepare(model, lambda m: make_optimizer(m, self.train_cfg))
+        self.scheduler = make_scheduler(self.optimizer.optimizer, self.train_cfg, self.total_steps)
         self.state = TrainState(total_steps=self.total_steps)
         if self.acc.num_processes > 1:  # the model is built alike everywhere; dropout masks now differ per process,
             from accelerate.utils import set_seed  # as one process draws its own mask for every row
@@ -120,26 +108,6 @@ class Trainer:
             self._create_run_dir()  # good, does the run folder appear
         if trackers:
             self.acc.init_trackers("memory-transformer", config=_flat(cfg.to_dict()))
-
-    def _shard_chapters(self, model) -> list[chapters.ChapterShards]:
-        """memory.shard_chapters on several processes: each keeps its own chapters; DDP leaves every chapter
-        alone (they differ between processes; train/chapters.py moves their gradients)."""
-        if self.acc.num_processes == 1:
-            return []
-        if self.fsdp:
-            raise ConfigError("memory.shard_chapters", "works with training.distributed=ddp only")
-        if self.cfg.memory.routing == "subject":  # a read is a collective: every process must read at every layer
-            raise ConfigError("memory.shard_chapters", "not with memory.routing=subject (a batch without a subject "
-                              "reads nothing, while the other processes wait for it to fetch chapters)")
-        from torch.nn.parallel import DistributedDataParallel
-
-        shards = chapters.shard_banks(model.to(self.acc.device))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, chapters.chapter_names(model))
-        return shards
-
-    def _whole_banks(self):
-        """Within: every process holds every chapter (memory.shard_chapters: for evaluation and saving)."""
-        return chapters.whole(self.chapter_shards)
 
     @property
     def unwrapped(self):
@@ -270,9 +238,9 @@ class Trainer:
         distill = self.cfg.data.replay_loss == "distill"  # (memory.scope gate also marks replayed tokens)
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
-            with self._no_sync(last), acc.autocast():
+            with self.placement.no_sync(self.model, last), acc.autocast():
                 # (fsdp: a forward is a collective, so every process runs the teacher if any might)
-                replayed = "replay" in mb and (self.fsdp or bool(mb["replay"].any()))
+                replayed = "replay" in mb and (self.placement.fsdp or bool(mb["replay"].any()))
                 teacher = self._teacher_logits(mb) if distill and replayed else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
                 if teacher is None:
@@ -295,17 +263,10 @@ class Trainer:
                         aux_value = aux.item()
             acc.backward(loss)
             ce_total += ce.detach()
-        dist.sync_bank_grads(self.bank_params)  # fsdp: the replicated banks (DDP syncs them itself)
+        self.placement.after_backward()
         lm = (acc.reduce(torch.as_tensor(ce_total, device=acc.device).float(), reduction="sum") / n_tokens).item()
         return {"loss": lm, "router_loss": aux_value, "scope_loss": scope_value, "tokens": int(n_tokens.item()),
                 "usage": usage}
-
-    def _no_sync(self, last: bool):
-        """Within: a micro-batch whose gradients stay local (all but the last of a step)."""
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(last)
-            return nullcontext()
-        return nullcontext() if last else self.acc.no_sync(self.model)
 
     @torch.no_grad()
     def _teacher_logits(self, mb: dict) -> torch.Tensor:
@@ -328,11 +289,7 @@ class Trainer:
         result = self.loss_and_gradients()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else float("inf")
-        if self.fsdp or self.chapter_shards:  # gradients held by one process beside replicated ones
-            norm = dist.clip_grad_norm(params, max_norm, local=[p for s in self.chapter_shards for p in s.params()])
-        else:
-            norm = self.acc.clip_grad_norm_(params, max_norm)
-            norm = float(norm) if norm is not None else 0.0
+        norm = self.placement.clip(params, max_norm)
         finite = (math.isfinite(result["loss"]) and math.isfinite(result["router_loss"])
                   and math.isfinite(result["scope_loss"]) and math.isfinite(norm))
         if finite:
@@ -412,9 +369,7 @@ class Trainer:
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
     def evaluate(self, probes: list[str] | None = None) -> dict:
-        # prepare() makes a DDP model's forward autocast; a model sharded here needs it said (bf16 parameters
-        # meet the float32 banks)
-        with self.acc.autocast() if self.fsdp else nullcontext(), self._whole_banks():
+        with self.placement.evaluating():
             metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes,
                                self.train_cfg.eval_recall_people, progress=self.progress and self.acc.is_main_process)
         self.model.train()
@@ -441,8 +396,8 @@ class Trainer:
     def _save_model_folder(self, folder: Path, marker: dict | None = None) -> None:
         """final/ or best/: the usual loadable model folder, written by the main process (under fsdp from the
         weights gathered from every process, so `load_model` reads it on one process)."""
-        state = dist.full_state_dict(self.model) if self.fsdp else None  # a collective: every process calls it
-        with self._whole_banks():
+        state = self.placement.model_state(self.model)  # a collective: every process calls it
+        with self.placement.whole():
             if self.acc.is_main_process:
                 ckpt.atomic_write_dir(folder, lambda d: save_model(self.unwrapped, d, state=state), marker=marker)
             self.acc.wait_for_everyone()
@@ -453,17 +408,14 @@ class Trainer:
         COMPLETE marker therefore comes after every process's state is in it."""
         processes = self._process_states()  # a collective: every process calls it
         tmp, skeleton = None, None
-        if self.train_cfg.distributed == "fsdp" or self.chapter_shards:  # every process writes its part into
-            from accelerate.utils import broadcast_object_list  # the main process's temp folder first
+        if self.placement.every_process_writes:  # each its part, into the main process's temp folder first
+            from accelerate.utils import broadcast_object_list
 
             final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
             tmp = broadcast_object_list([ckpt.temp_dir(final) if self.acc.is_main_process else None])[0]
-            if self.chapter_shards:  # the optimizer state of this process's chapters
-                ckpt.save_state_dict_tree(self.optimizer.state_dict(), tmp / f"optimizer-{self.acc.process_index}")
-            else:  # fsdp (on one process too: the checkpoint then resumes on several)
-                skeleton = dist.save_sharded(self.model, self.optimizer.optimizer, tmp / SHARDED_WEIGHTS)
+            skeleton = self.placement.write_own_part(self.model, self.optimizer, tmp)
             self.acc.wait_for_everyone()  # every part is written: only now may the folder be marked COMPLETE
-        with self._whole_banks():
+        with self.placement.whole():
             if self.acc.is_main_process:
                 ckpt.save_checkpoint(self.run_dir, self.state.step,
                                      lambda d: self._write_checkpoint(d, processes, skeleton),
@@ -481,15 +433,8 @@ class Trainer:
         return gather_object([own])  # pickled in transit between live processes only; files stay safetensors
 
     def _write_checkpoint(self, d: Path, processes: list[dict[str, torch.Tensor]], skeleton: dict | None) -> None:
-        """The checkpoint folder's files (written by the main process); `skeleton`: under fsdp, the weights and
-        optimizer state are already in d/sharded, and optimizer.json gets the rest of the optimizer."""
-        if skeleton is None:
-            save_model(self.unwrapped, d)
-            if not self.chapter_shards:
-                ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
-        else:
-            save_model_info(self.unwrapped, d)
-            ckpt.save_state_dict_tree(skeleton, d / "optimizer")
+        """The checkpoint folder's files written by the main process (`skeleton`: see Placement.write_own_part)."""
+        self.placement.write_main_part(self.unwrapped, self.optimizer, d, skeleton)
         ckpt.save_state_dict_tree(self.scheduler.state_dict(), d / "scheduler")
         if self.acc.scaler is not None:  # fp16 loss scale and its growth tracker
             ckpt.save_state_dict_tree(self.acc.scaler.state_dict(), d / "scaler")
@@ -499,17 +444,7 @@ class Trainer:
 
     def _restore(self, d: Path) -> None:
         verify_folder(d)
-        if (d / SHARDED_WEIGHTS).is_dir():  # saved under fsdp: read on any number of processes (resharded)
-            dist.load_sharded(self.unwrapped, self.optimizer.optimizer, d / SHARDED_WEIGHTS,
-                              ckpt.load_state_dict_tree(d / "optimizer"))
-        elif self.fsdp:
-            raise ConfigError("--resume", f"{d} was saved with training.distributed=ddp (whole weights): resume it "
-                              "with ddp, or with fsdp on one process")
-        else:
-            with self._whole_banks():
-                load_weights(self.unwrapped, d)
-            device = _safetensors_device(self.acc.device)
-            self.optimizer.load_state_dict(ckpt.load_state_dict_tree(self._optimizer_file(d), device=device))
+        self.placement.restore(self.unwrapped, self.optimizer, d)
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
         if self.acc.scaler is not None and (d / "scaler.json").is_file():
             self.acc.scaler.load_state_dict(ckpt.load_state_dict_tree(d / "scaler"))
@@ -522,19 +457,6 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if not self.new_run_dir:
                 self._record_config_change()
-
-    def _optimizer_file(self, d: Path) -> Path:
-        """memory.shard_chapters: each process's optimizer has its own chapters (same number of processes only)."""
-        if not self.chapter_shards:
-            if (d / "optimizer-0.json").is_file() and not (d / "optimizer.json").is_file():
-                raise ConfigError("--resume", f"{d} was saved with memory.shard_chapters on several processes: "
-                                  "resume it on the number of processes that saved it")
-            return d / "optimizer"
-        own = d / f"optimizer-{self.acc.process_index}"
-        if not own.with_name(own.name + ".json").is_file():
-            raise ConfigError("--resume", f"{d} has no optimizer state for process {self.acc.process_index} with "
-                              "memory.shard_chapters: resume on the number of processes that saved it")
-        return own
 
     def _restore_process_state(self, d: Path, saved_processes: int) -> None:
         """This process's RNG state and data position. On another number of processes than the checkpoint's, the
@@ -603,11 +525,6 @@ def distill_loss_sum(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.
     student = logits[:, :-1][mask].float().log_softmax(-1)
     target = teacher[:, :-1][mask].float().log_softmax(-1)
     return ce + F.kl_div(student, target, log_target=True, reduction="sum")
-
-
-def _safetensors_device(device: torch.device) -> str:
-    """safetensors refuses "cpu:0", which accelerate uses as the device of CPU processes under torchrun."""
-    return "cpu" if device.type == "cpu" else str(device)
 
 
 def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
