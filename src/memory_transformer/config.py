@@ -97,10 +97,10 @@ class MemoryConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     quantization: Literal["none", "int8", "int4"] = "none"  # bank storage for inference (memory/quant.py)
+    quant_group_size: int = 64  # int4: values per scale; must divide the bank row width
     # several processes: process r holds only the chapters c with c % W == r (and their optimizer state); each
     # step fetches the chapters read anywhere from their owners (train/chapters.py)
     shard_chapters: bool = False
-    quant_group_size: int = 64  # int4: values per scale; must divide the bank row width
 
 
 @dataclass

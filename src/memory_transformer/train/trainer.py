@@ -404,8 +404,9 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Every process hands its RNG state and data position to the main process, which writes the folder: its
-        COMPLETE marker therefore comes after every process's state is in it."""
+        """Every process hands its RNG state and data position to the main process, which writes the folder; under
+        fsdp or with chapters split, every process first writes its own part into the temp folder. The COMPLETE
+        marker therefore comes after every process's state is in it."""
         processes = self._process_states()  # a collective: every process calls it
         tmp, skeleton = None, None
         if self.placement.every_process_writes:  # each its part, into the main process's temp folder first
