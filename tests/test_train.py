@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -176,17 +175,13 @@ RESUME_CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(processes: int, *args):
     """`memory-transformer` on 1 process, or under torchrun on several."""
     if processes == 1:
         return _cli(*args)
-    torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    # --standalone: the launcher binds a free port itself (a port chosen here and bound later by the launcher can
+    # be taken in between, e.g. by the other run a test starts at the same time)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.Popen([sys.executable, *torchrun, "-m", "memory_transformer", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
