@@ -479,10 +479,10 @@ def test_a_kill_after_the_final_eval_row_logs_it_once_after_resume(tmp_path, mon
     cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
     real = ckpt.atomic_write_dir
 
-    def dies_at_final(folder, write, marker=None):
+    def dies_at_final(folder, write, marker=None, tmp=None):
         if folder.name == "final":  # the final eval row is logged, final/ not yet written
             raise RuntimeError("killed")
-        return real(folder, write, marker)
+        return real(folder, write, marker, tmp)
 
     monkeypatch.setattr(ckpt, "atomic_write_dir", dies_at_final)
     with pytest.raises(RuntimeError, match="killed"):
