@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -122,6 +123,26 @@ def test_crash_during_write_keeps_previous(tmp_path):
     assert (latest / "payload.txt").read_text() == "good"
     assert not (tmp_path / "checkpoints" / "step-000002").exists()
     assert steps(tmp_path) == [1]
+
+
+def test_parts_written_by_other_processes_are_marked_only_with_the_folder(tmp_path):
+    """Under FSDP the other processes write their shards into the main process's temp folder first: those files
+    are in the COMPLETE marker's checksums; if the main process's part fails, the temp folder goes with them and
+    the previous checkpoint stays the latest."""
+    save_checkpoint(tmp_path, 1, write_payload("good"))
+    tmp = ckpt.temp_dir(ckpt.checkpoint_dir(tmp_path, 2))
+    (tmp / "sharded").mkdir()
+    (tmp / "sharded" / "shard-00002.safetensors").write_bytes(b"process 1")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 2, lambda d: (_ for _ in ()).throw(RuntimeError("disk full")), tmp=tmp)
+    assert steps(tmp_path) == [1] and not tmp.exists()
+    tmp = ckpt.temp_dir(ckpt.checkpoint_dir(tmp_path, 2))
+    (tmp / "sharded").mkdir()
+    (tmp / "sharded" / "shard-00002.safetensors").write_bytes(b"process 1")
+    final = save_checkpoint(tmp_path, 2, write_payload("main"), tmp=tmp)
+    assert steps(tmp_path) == [1, 2] and (final / "payload.txt").read_text() == "main"
+    assert "sharded/shard-00002.safetensors" in json.loads((final / "COMPLETE").read_text())["sha256"]
+    verify_folder(final)
 
 
 def test_survives_failed_delete(tmp_path, monkeypatch, caplog):

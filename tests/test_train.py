@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -176,17 +175,13 @@ RESUME_CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(processes: int, *args):
     """`memory-transformer` on 1 process, or under torchrun on several."""
     if processes == 1:
         return _cli(*args)
-    torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    # --standalone: the launcher binds a free port itself (a port chosen here and bound later by the launcher can
+    # be taken in between, e.g. by the other run a test starts at the same time)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.Popen([sys.executable, *torchrun, "-m", "memory_transformer", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -205,7 +200,11 @@ def _kill_tree(pid: int) -> None:
 
 # (overrides, processes): each RESUME_CASES row on one process, and the tiny one on two (DDP: every process's
 # RNG state and data position are in the checkpoint; with dropout each process draws its own masks)
-RESUME_RUNS = {**{k: (v, 1) for k, v in RESUME_CASES.items()}, "tiny-2-processes": (RESUME_CASES["tiny"], 2)}
+# fsdp: the model and optimizer sharded, the checkpoint written by every process (sharded/); shard-chapters: each
+# process holds half the chapters and their optimizer state (optimizer-R); resumed on the same sharding: exact too
+RESUME_RUNS = {**{k: (v, 1) for k, v in RESUME_CASES.items()}, "tiny-2-processes": (RESUME_CASES["tiny"], 2),
+               "tiny-2-processes-fsdp": ([*RESUME_CASES["tiny"], "training.distributed=fsdp"], 2),
+               "tiny-2-processes-shard-chapters": ([*RESUME_CASES["tiny"], "memory.shard_chapters=true"], 2)}
 
 
 @pytest.mark.parametrize("overrides, processes", RESUME_RUNS.values(), ids=RESUME_RUNS.keys())
@@ -480,10 +479,10 @@ def test_a_kill_after_the_final_eval_row_logs_it_once_after_resume(tmp_path, mon
     cfg = tiny(tmp_path, "training.max_steps=2", "training.save_steps=2")
     real = ckpt.atomic_write_dir
 
-    def dies_at_final(folder, write, marker=None):
+    def dies_at_final(folder, write, marker=None, tmp=None):
         if folder.name == "final":  # the final eval row is logged, final/ not yet written
             raise RuntimeError("killed")
-        return real(folder, write, marker)
+        return real(folder, write, marker, tmp)
 
     monkeypatch.setattr(ckpt, "atomic_write_dir", dies_at_final)
     with pytest.raises(RuntimeError, match="killed"):

@@ -104,6 +104,9 @@ class MemoryConfig:
     init_std: float = 0.02
     quantization: Literal["none", "int8", "int4"] = "none"  # bank storage for inference (memory/quant.py)
     quant_group_size: int = 64  # int4: values per scale; must divide the bank row width
+    # several processes: process r holds only the chapters c with c % W == r (and their optimizer state); each
+    # step fetches the chapters read anywhere from their owners (train/chapters.py)
+    shard_chapters: bool = False
 
 
 @dataclass
@@ -201,6 +204,9 @@ class TrainingConfig:
     max_bad_steps: int = 5
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     gradient_checkpointing: bool = False
+    # several processes: ddp = every process holds the whole model; fsdp = FSDP2 shards the model over them
+    # (memory banks replicated); one process ignores it
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass

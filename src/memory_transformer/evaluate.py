@@ -35,13 +35,18 @@ def perplexity(model, examples: dict[str, torch.Tensor], batch_size: int = 16, a
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens)
     rows = torch.arange(rank, len(examples["input_ids"]), world)
+    most = -(-len(examples["input_ids"]) // world)  # rows of the busiest process
     with eval_mode(model):
-        for start in range(0, len(rows), batch_size):
+        # every process runs as many forwards as the busiest one (a model sharded with FSDP gathers its weights
+        # in each forward, a collective); a process out of rows runs a row it has seen and counts nothing
+        for start in range(0, most, batch_size):
             idx = rows[start : start + batch_size]
-            batch = {k: v[idx].to(device) for k, v in examples.items()}
+            counted = len(idx) > 0
+            batch = {k: v[idx if counted else [0]].to(device) for k, v in examples.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, n = token_loss_sums(logits, batch["labels"])
-            total += torch.stack([loss.double(), n.double()])
+            if counted:
+                total += torch.stack([loss.double(), n.double()])
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     mean = (total[0] / total[1].clamp_min(1)).item()

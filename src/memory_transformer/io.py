@@ -6,6 +6,9 @@ A saved model is a folder:
   adapter_config.json +          only what was trained (memory, LoRA) and the name of the base:
   adapter_model.safetensors      `load_model` loads the base from there and the adapter onto it
   tokenizer files
+A training checkpoint of a model sharded over processes (`training.distributed: fsdp`) holds `sharded/` (every
+process's shards, torch.distributed.checkpoint in safetensors) instead of the weight files; `load_model` reads it
+on one process too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from memory_transformer.memory.subjects import subject_index
 from memory_transformer.model import MemoryModel, build_model, component_of
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "model.safetensors"
+SHARDED_WEIGHTS = "sharded"  # a training checkpoint under FSDP: every process's shards (train/distributed.py)
 
 
 def _is_adapter(model: MemoryModel) -> bool:
@@ -34,30 +39,51 @@ def _is_adapter(model: MemoryModel) -> bool:
     return model.config.model.pretrained is not None and frozen
 
 
-def trained_state(model: MemoryModel) -> dict[str, torch.Tensor]:
-    """What an adapter save holds: every non-base weight (memory, LoRA)."""
-    return {k: v for k, v in model.state_dict().items() if component_of(k) != "base"}
+def trained_state(model: MemoryModel, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What an adapter save holds: every non-base weight (memory, LoRA), of `state` (default: the model's)."""
+    return {k: v for k, v in (model.state_dict() if state is None else state).items() if component_of(k) != "base"}
 
 
-def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None = None) -> None:
+def save_model(model: MemoryModel, directory: str | Path, adapter: bool | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> None:
     """Adapter layout (only what was trained) for a frozen pretrained base, else every weight; `adapter`
-    forces one or the other."""
+    forces one or the other. `state`: the full weights to write instead of the model's own (a model sharded
+    over processes passes its gathered state dict)."""
+    out = save_model_info(model, directory)
+    if _is_adapter(model) if adapter is None else adapter:
+        save_file({k: v.contiguous() for k, v in trained_state(model, state).items()}, out / ADAPTER_WEIGHTS)
+        base_cfg = model.base.config
+        info = {"base_model": model.config.model.pretrained, "model_type": base_cfg.model_type,
+                "hidden_size": base_cfg.hidden_size, "num_hidden_layers": base_cfg.num_hidden_layers,
+                "base_fingerprint": base_fingerprint(model, state)}
+        (out / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2))
+    elif state is not None:
+        save_file(_without_aliases(model, state), out / FULL_WEIGHTS)
+    else:
+        from safetensors.torch import save_model as st_save_model
+
+        st_save_model(model, str(out / FULL_WEIGHTS))  # handles tied embeddings
+
+
+def save_model_info(model: MemoryModel, directory: str | Path) -> Path:
+    """What a saved model holds besides its weights: config.yaml and the tokenizer files."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save(out / "config.yaml")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out)
-    if _is_adapter(model) if adapter is None else adapter:
-        save_file({k: v.contiguous() for k, v in trained_state(model).items()}, out / ADAPTER_WEIGHTS)
-        base_cfg = model.base.config
-        info = {"base_model": model.config.model.pretrained, "model_type": base_cfg.model_type,
-                "hidden_size": base_cfg.hidden_size, "num_hidden_layers": base_cfg.num_hidden_layers,
-                "base_fingerprint": base_fingerprint(model)}
-        (out / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2))
-    else:
-        from safetensors.torch import save_model as st_save_model
+    return out
 
-        st_save_model(model, str(out / FULL_WEIGHTS))  # handles tied embeddings
+
+def _without_aliases(model: MemoryModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with one name per tensor of the model (tied embeddings: the first name); `load_weights` accepts
+    either name of a tied pair, as it does for what `st_save_model` writes."""
+    seen, out = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():  # keep_vars: tied names give the same object
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = state[name].contiguous()
+    return out
 
 
 # What `--set` may change on a saved model: how it is run and evaluated, and where its base lives (checked by
@@ -115,8 +141,22 @@ def load_weights(model: MemoryModel, src: Path, allow_base_mismatch: bool = Fals
 
         with _readable(src / FULL_WEIGHTS):
             st_load_model(model, str(src / FULL_WEIGHTS), device=str(model.device))
+    elif (src / SHARDED_WEIGHTS).is_dir():  # a checkpoint of a model sharded over processes (FSDP)
+        _load_sharded_weights(model, src / SHARDED_WEIGHTS)
     else:
         raise ConfigError("", f"{src}: no weights ({FULL_WEIGHTS} or {ADAPTER_WEIGHTS}); the folder is incomplete")
+
+
+def _load_sharded_weights(model: MemoryModel, folder: Path) -> None:
+    """The model's weights from a sharded checkpoint (train/distributed.py writes it: keys `model/<name>`),
+    assembled from every process's shards by torch.distributed.checkpoint, here on one process."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {f"model/{k}": v for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():  # DCP warns that it assumes one process: that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=True)
+    model.load_state_dict({k[len("model/"):]: v for k, v in state.items()})
 
 
 @contextlib.contextmanager
@@ -131,14 +171,16 @@ def _readable(path: Path):
                           "damaged or truncated") from None
 
 
-def base_fingerprint(model: MemoryModel) -> str:
+def base_fingerprint(model: MemoryModel, state: dict[str, torch.Tensor] | None = None) -> str:
     """A hash of the base model: its shape and a strided sample of every base weight (rounded to bfloat16, so the
-    same base loaded in another dtype matches). Two bases of the same shape trained apart differ in it."""
+    same base loaded in another dtype matches). Two bases of the same shape trained apart differ in it. `state`:
+    the full weights of a model sharded over processes."""
     h = hashlib.sha256()
     base_cfg = model.base.config
     h.update(json.dumps([base_cfg.model_type, base_cfg.vocab_size, base_cfg.hidden_size,
                          base_cfg.num_hidden_layers]).encode())
     for name, p in model.named_parameters():
+        p = p if state is None else state[name]
         if component_of(name) == "base":
             flat = p.detach().flatten()
             sample = flat[:: max(1, flat.numel() // 256)][:256]

@@ -309,9 +309,10 @@ class MemoryAttention(nn.Module):
 
     def _reads_rows(self, bank: MemoryBank) -> bool:
         """Training a float bank of learned K/V with slot top-k: gather the kept rows (`MemoryBank.kv_rows`)
-        instead of taking them from a stacked, differentiable copy of every selected chapter."""
+        instead of taking them from a stacked, differentiable copy of every selected chapter. Not with chapters
+        held by other processes (`bank.fetch`, memory.shard_chapters): those come through `read`."""
         return (torch.is_grad_enabled() and self.k is None and bank.kind != "factorized" and not bank.bits
-                and self.slot_top_k is not None and self.slot_top_k < bank.chapter_size)
+                and bank.fetch is None and self.slot_top_k is not None and self.slot_top_k < bank.chapter_size)
 
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""

@@ -103,6 +103,7 @@ class MemoryBank(nn.Module):
         self.kind, self.num_chapters, self.learned_kv = kind, num_chapters, learned_kv
         self.bits, self.group_size = 0, 0  # 0 = float Parameters; 8 or 4 after `quantize_`
         self._scratch: torch.Tensor | None = None  # `scratch_read`'s buffer (not state)
+        self.fetch = None  # chapters held by other processes: see `fetch_from`
         self.chapter_size = num_tokens // num_chapters
         S, parts = self.chapter_size, 2 if learned_kv else 1
         self.width = rank if kind == "reduced_dim" else dim  # attention width w
@@ -138,6 +139,8 @@ class MemoryBank(nn.Module):
         Only these chapters enter the graph (float bank) or get dequantized (quantized bank)."""
         if self.bits:
             slots = torch.stack([self.dequantize(i) for i in chapter_ids])  # (U, S, r or row)
+        elif self.fetch is not None:
+            slots = self.fetch(chapter_ids)  # (U, S, r or row)
         else:
             slots = torch.stack([self.chapters[i] for i in chapter_ids])  # (U, S, r or row)
         if self.kind == "factorized":
@@ -182,6 +185,11 @@ class MemoryBank(nn.Module):
             return kv[..., 0, :], kv[..., 1, :]
 
         return rows
+
+    def fetch_from(self, fetch) -> None:
+        """Read chapters through `fetch(chapter_ids) -> (U, S, r or row)` (train/chapters.py: chapters sharded over
+        processes), or again from this bank's own Parameters with None."""
+        self.fetch = fetch
 
     def chapter_params(self, chapter: int) -> list[torch.Tensor]:
         """Tensors that determine chapter `chapter` (for cache invalidation): Parameters, or the buffers of a

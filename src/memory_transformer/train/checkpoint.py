@@ -11,7 +11,9 @@ fsynced, and only then is it renamed to its final name. A reader that trusts onl
 marker therefore never sees a half-written checkpoint, whatever moment the writer dies at.
 The marker also records the sha256 of every file (`"sha256": {relative path: hex}`): `verify_folder`
 turns a flipped byte or a truncated file into a one-line error naming the file.
-One writer per run folder is assumed (the trainer's main process).
+One writer per run folder is assumed (the trainer's main process); under FSDP every process first writes
+its shards into the temp folder the main process made, and the main process marks and renames it once all
+have returned.
 
 No pickle anywhere: tensors go to safetensors, structure goes to JSON.
 """
@@ -48,18 +50,27 @@ def step_dirname(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def atomic_write_dir(final: Path, write: Callable[[Path], None], marker: dict | None = None) -> Path:
-    """Fill a temp folder with `write(tmp)`, mark it COMPLETE, fsync, then rename it to `final`.
-
-    An existing `final` is replaced only after the new folder is complete. If `write` raises,
-    the temp folder is removed and `final` is untouched.
-    """
+def temp_dir(final: Path) -> Path:
+    """A new, empty temp folder beside `final`, to be filled and then renamed to it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():  # stale leftover of an earlier process that had our pid
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def atomic_write_dir(final: Path, write: Callable[[Path], None], marker: dict | None = None,
+                     tmp: Path | None = None) -> Path:
+    """Fill a temp folder with `write(tmp)`, mark it COMPLETE, fsync, then rename it to `final`.
+
+    An existing `final` is replaced only after the new folder is complete. If `write` raises,
+    the temp folder is removed and `final` is untouched. `tmp`: a `temp_dir(final)` that other
+    processes have already written their part into (they must all have finished).
+    """
+    final = Path(final)
+    tmp = temp_dir(final) if tmp is None else tmp
     try:
         write(tmp)
         _fsync_tree(tmp)  # data is durable before the marker can claim it is
@@ -72,14 +83,20 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None], marker: dict | 
     return final
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / step_dirname(step)
+
+
 def save_checkpoint(
-    run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int | None = None
+    run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int | None = None,
+    tmp: Path | None = None,
 ) -> Path:
-    """Write `<run_dir>/checkpoints/step-NNNNNN/` atomically, then keep only the newest `keep_last`."""
+    """Write `<run_dir>/checkpoints/step-NNNNNN/` atomically, then keep only the newest `keep_last`
+    (`tmp`: see `atomic_write_dir`)."""
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    final = Path(run_dir) / CHECKPOINTS_DIR / step_dirname(step)
-    atomic_write_dir(final, write, marker={"step": step})
+    final = checkpoint_dir(run_dir, step)
+    atomic_write_dir(final, write, marker={"step": step}, tmp=tmp)
     if keep_last is not None:
         _apply_retention(run_dir, keep_last, protect=final)
     return final

@@ -15,7 +15,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +27,13 @@ from memory_transformer.data import build_data, pack_documents
 from memory_transformer.evaluate import evaluate, token_loss_sums
 from memory_transformer.generate import sample_documents
 from memory_transformer.integrity import verify_folder
-from memory_transformer.io import load_weights, save_model
+from memory_transformer.io import save_model
 from memory_transformer.model import build_model
 from memory_transformer.resolve import resolve_config
 from memory_transformer.train import checkpoint as ckpt
+from memory_transformer.train import distributed as dist
 from memory_transformer.train.optim import make_optimizer, make_scheduler
+from memory_transformer.train.placement import Placement
 
 
 REPLAY_FILE = "replay_samples.jsonl"
@@ -95,9 +96,9 @@ class Trainer:
             self._fit_scope(model)
         self.global_batch = self.train_cfg.batch_size * self.train_cfg.grad_accum_steps * self.acc.num_processes
         self.total_steps = self._total_steps()
-        optimizer = make_optimizer(model, self.train_cfg)
-        self.scheduler = make_scheduler(optimizer, self.train_cfg, self.total_steps)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.placement = Placement(self.acc, cfg)  # ddp, fsdp, chapters split over processes
+        self.model, self.optimizer = self.placement.prepare(model, lambda m: make_optimizer(m, self.train_cfg))
+        self.scheduler = make_scheduler(self.optimizer.optimizer, self.train_cfg, self.total_steps)
         self.state = TrainState(total_steps=self.total_steps)
         if self.acc.num_processes > 1:  # the model is built alike everywhere; dropout masks now differ per process,
             from accelerate.utils import set_seed  # as one process draws its own mask for every row
@@ -249,8 +250,10 @@ class Trainer:
         distill = self.cfg.data.replay_loss == "distill"  # (memory.scope gate also marks replayed tokens)
         for j, mb in enumerate(micro):
             last = j == len(micro) - 1
-            with nullcontext() if last else acc.no_sync(self.model), acc.autocast():
-                teacher = self._teacher_logits(mb) if distill and "replay" in mb and mb["replay"].any() else None
+            with self.placement.no_sync(self.model, last), acc.autocast():
+                # (fsdp: a forward is a collective, so every process runs the teacher if any might)
+                replayed = "replay" in mb and (self.placement.fsdp or bool(mb["replay"].any()))
+                teacher = self._teacher_logits(mb) if distill and replayed else None
                 out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], router_aux=False)
                 if teacher is None:
                     ce, _ = token_loss_sums(out.logits, mb["labels"])
@@ -267,11 +270,12 @@ class Trainer:
                             loss = loss + scope / len(micro)
                             scope_value += scope.item() / len(micro)
                     if last and pooled:  # router losses once, over the global batch
-                        aux = memory.aux_loss({i: acc.gather(torch.cat(xs)) for i, xs in pooled.items()})
+                        aux = memory.aux_loss({i: dist.gather_rows(acc, torch.cat(xs)) for i, xs in pooled.items()})
                         loss = loss + aux
                         aux_value = aux.item()
             acc.backward(loss)
             ce_total += ce.detach()
+        self.placement.after_backward()
         lm = (acc.reduce(torch.as_tensor(ce_total, device=acc.device).float(), reduction="sum") / n_tokens).item()
         return {"loss": lm, "router_loss": aux_value, "scope_loss": scope_value, "tokens": int(n_tokens.item()),
                 "usage": usage}
@@ -297,8 +301,7 @@ class Trainer:
         result = self.loss_and_gradients()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else float("inf")
-        norm = self.acc.clip_grad_norm_(params, max_norm)
-        norm = float(norm) if norm is not None else 0.0
+        norm = self.placement.clip(params, max_norm)
         finite = (math.isfinite(result["loss"]) and math.isfinite(result["router_loss"])
                   and math.isfinite(result["scope_loss"]) and math.isfinite(norm))
         if finite:
@@ -361,8 +364,8 @@ class Trainer:
         metrics = self.evaluate()
         metrics = {"step": self.state.step, **metrics}
         self._log({**metrics, "eval": True, "final": True})
+        self._save_model_folder(self.run_dir / "final")
         if self.acc.is_main_process:
-            ckpt.atomic_write_dir(self.run_dir / "final", lambda d: save_model(self.unwrapped, d))
             from memory_transformer.train.plots import plot_run
 
             plot_run(self.run_dir)
@@ -378,8 +381,9 @@ class Trainer:
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
     def evaluate(self, probes: list[str] | None = None) -> dict:
-        metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes, self.train_cfg.eval_recall_people,
-                           progress=self.progress and self.acc.is_main_process)
+        with self.placement.evaluating():
+            metrics = evaluate(self.unwrapped, self.tokenizer, self.data, self.acc, probes,
+                               self.train_cfg.eval_recall_people, progress=self.progress and self.acc.is_main_process)
         self.model.train()
         return metrics
 
@@ -395,24 +399,41 @@ class Trainer:
         sign = -1.0 if lower_is_better(t.best_metric) else 1.0
         if s.best is None or sign * (value - s.best) > t.early_stopping_threshold:
             s.best, s.evals_without_improvement = value, 0
-            if self.acc.is_main_process:
-                ckpt.atomic_write_dir(self.run_dir / "best", lambda d: save_model(self.unwrapped, d),
-                                      marker={"step": s.step, t.best_metric: value})
-            self.acc.wait_for_everyone()
+            self._save_model_folder(self.run_dir / "best", marker={"step": s.step, t.best_metric: value})
         else:
             s.evals_without_improvement += 1
         patience = t.early_stopping_patience
         return patience is not None and s.evals_without_improvement >= patience
 
+    def _save_model_folder(self, folder: Path, marker: dict | None = None) -> None:
+        """final/ or best/: the usual loadable model folder, written by the main process (under fsdp from the
+        weights gathered from every process, so `load_model` reads it on one process)."""
+        state = self.placement.model_state(self.model)  # a collective: every process calls it
+        with self.placement.whole():
+            if self.acc.is_main_process:
+                ckpt.atomic_write_dir(folder, lambda d: save_model(self.unwrapped, d, state=state), marker=marker)
+            self.acc.wait_for_everyone()
+
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Every process hands its RNG state and data position to the main process, which writes the folder: its
-        COMPLETE marker therefore comes after every process's state is in it."""
+        """Every process hands its RNG state and data position to the main process, which writes the folder; under
+        fsdp or with chapters split, every process first writes its own part into the temp folder. The COMPLETE
+        marker therefore comes after every process's state is in it."""
         processes = self._process_states()  # a collective: every process calls it
-        if self.acc.is_main_process:
-            ckpt.save_checkpoint(self.run_dir, self.state.step, lambda d: self._write_checkpoint(d, processes),
-                                 self.train_cfg.save_total_limit)
-        self.acc.wait_for_everyone()
+        tmp, skeleton = None, None
+        if self.placement.every_process_writes:  # each its part, into the main process's temp folder first
+            from accelerate.utils import broadcast_object_list
+
+            final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+            tmp = broadcast_object_list([ckpt.temp_dir(final) if self.acc.is_main_process else None])[0]
+            skeleton = self.placement.write_own_part(self.model, self.optimizer, tmp)
+            self.acc.wait_for_everyone()  # every part is written: only now may the folder be marked COMPLETE
+        with self.placement.whole():
+            if self.acc.is_main_process:
+                ckpt.save_checkpoint(self.run_dir, self.state.step,
+                                     lambda d: self._write_checkpoint(d, processes, skeleton),
+                                     self.train_cfg.save_total_limit, tmp=tmp)
+            self.acc.wait_for_everyone()
 
     def _process_states(self) -> list[dict[str, torch.Tensor]]:
         """RNG state and data position of every process, indexed by process (gathered to all of them)."""
@@ -424,9 +445,9 @@ class Trainer:
 
         return gather_object([own])  # pickled in transit between live processes only; files stay safetensors
 
-    def _write_checkpoint(self, d: Path, processes: list[dict[str, torch.Tensor]]) -> None:
-        save_model(self.unwrapped, d)
-        ckpt.save_state_dict_tree(self.optimizer.state_dict(), d / "optimizer")
+    def _write_checkpoint(self, d: Path, processes: list[dict[str, torch.Tensor]], skeleton: dict | None) -> None:
+        """The checkpoint folder's files written by the main process (`skeleton`: see Placement.write_own_part)."""
+        self.placement.write_main_part(self.unwrapped, self.optimizer, d, skeleton)
         ckpt.save_state_dict_tree(self.scheduler.state_dict(), d / "scheduler")
         if self.acc.scaler is not None:  # fp16 loss scale and its growth tracker
             ckpt.save_state_dict_tree(self.acc.scaler.state_dict(), d / "scaler")
@@ -436,9 +457,7 @@ class Trainer:
 
     def _restore(self, d: Path) -> None:
         verify_folder(d)
-        load_weights(self.unwrapped, d)
-        device = _safetensors_device(self.acc.device)
-        self.optimizer.load_state_dict(ckpt.load_state_dict_tree(d / "optimizer", device=device))
+        self.placement.restore(self.unwrapped, self.optimizer, d)
         self.scheduler.load_state_dict(ckpt.load_state_dict_tree(d / "scheduler"))
         if self.acc.scaler is not None and (d / "scaler.json").is_file():
             self.acc.scaler.load_state_dict(ckpt.load_state_dict_tree(d / "scaler"))
@@ -519,11 +538,6 @@ def distill_loss_sum(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.
     student = logits[:, :-1][mask].float().log_softmax(-1)
     target = teacher[:, :-1][mask].float().log_softmax(-1)
     return ce + F.kl_div(student, target, log_target=True, reduction="sum")
-
-
-def _safetensors_device(device: torch.device) -> str:
-    """safetensors refuses "cpu:0", which accelerate uses as the device of CPU processes under torchrun."""
-    return "cpu" if device.type == "cpu" else str(device)
 
 
 def _add_usage(total: dict | None, usage: dict | None) -> dict | None:
