@@ -82,6 +82,8 @@ def _configs(args, seed: int, n: int) -> tuple[Config, Config]:
                                           f"data.prose_fraction={args.base_prose}", *args.base_set])
     teach = load_config(args.config or "configs/demo_adapter.yaml",
                         [*seeded, f"data.people=[{args.old},{args.old + n}]", *args.set])
+    if n != args.sizes[0]:  # the same steps per person: 200 steps at 20 people, 1,000 at 100 (as docs/experiments.md)
+        teach = load_config(teach.to_dict(), [f"training.max_steps={teach.training.max_steps * n // args.sizes[0]}"])
     return base, teach
 
 
