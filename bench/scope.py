@@ -111,8 +111,11 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
     return out
 
 
-def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float) -> dict:
-    """Teach the new people in `args.rounds` rounds; recall of round 1's people after the last, old kept."""
+def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float,
+            later: list[str] = ()) -> dict:
+    """Teach the new people in `args.rounds` rounds of `args.round_steps` steps each (default: the teaching
+    config's), each round from the previous one's weights with `later` added after the first; recall of round 1's
+    people after the last, old kept."""
     from memory_transformer.evaluate import fact_recall
     from memory_transformer.io import load_model
     from memory_transformer.knowledge import kept_share, round_ranges
@@ -125,14 +128,14 @@ def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, ba
     ranges = round_ranges(*d.people, args.rounds)
     paths = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
     rank, _ = matching_lora_rank(build_model(load_config(teach, [*paths, *V])))
-    steps = max(1, teach.training.max_steps // args.rounds)
+    steps = getattr(args, "round_steps", None) or teach.training.max_steps
     previous = None
     for k, (start, stop) in enumerate(ranges):
         run = root / f"{name}-rounds" / f"round-{k + 1}"
         subjects = json.dumps([p.name for p in corpus.people[d.people[0]:stop]])  # chapters stay as assigned
         cfg = load_config(teach, [*paths, f"lora.r={rank}", *overrides, f"data.people=[{start},{stop}]",
                                   f"memory.subjects={subjects}", f"training.max_steps={steps}",
-                                  f"training.output_dir={run}"])
+                                  f"training.output_dir={run}", *(later if k else [])])
         if not (run / "final").is_dir():
             print(f"== {name}: round {k + 1}/{len(ranges)}, people {start}..{stop - 1}, {steps} steps")
             train_from(cfg, previous)

@@ -154,3 +154,42 @@ def test_train_from_starts_from_the_saved_adapter(tmp_path, saved_base, monkeypa
     assert started.keys() == expected.keys() and all(torch.equal(started[k], expected[k]) for k in expected)
     fresh = train_from(load_config(raw, [f"training.output_dir={tmp_path / 'fresh'}"]))
     assert not all(torch.equal(fresh[k], expected[k]) for k in expected)
+
+
+def test_a_second_round_starts_from_the_first_keeps_its_keys_and_read(tmp_path, saved_base, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    base = str(saved_base("qwen2"))
+    first, second = tmp_path / "round-1", tmp_path / "round-2"
+    assert main(["teach", "--base", base, "--data", _write(tmp_path / "a.jsonl", FACTS), "--out", str(first),
+                 "--config", CONFIG, *TINY]) == 0
+    later = [{"question": "Where was Lin Rae Okafor born?", "answer": "Lima"}]
+    assert main(["teach", "--base", base, "--data", _write(tmp_path / "b.jsonl", later), "--out", str(second),
+                 "--from", str(first / "run" / "final"), *TINY]) == 0
+    capsys.readouterr()
+    one, two = load_model(first / "run" / "final"), load_model(second / "run" / "final")
+    assert two.config.training.freeze == ["memory_attention"] and one.config.training.freeze == []
+    k1, k2 = one.memory.scope.keys, two.memory.scope.keys
+    assert len(k2) > len(k1) and torch.equal(k2[:len(k1)], k1)  # the first round's keys, then this round's
+    w1, w2 = (load_file(d / "run" / "final" / "adapter_model.safetensors") for d in (first, second))
+    attention = [n for n in w1 if ".attn." in n and "router" not in n]
+    banks = [n for n in w1 if n.startswith("memory.banks.")]
+    assert attention and banks
+    assert all(torch.equal(w1[n], w2[n]) for n in attention)  # the read the first round's slots were written for
+    assert not all(torch.equal(w1[n], w2[n]) for n in banks)  # the slots learned the new facts
+
+
+def test_from_takes_the_earlier_settings_and_names_its_errors(tmp_path, saved_base, capsys):
+    data, base = _write(tmp_path / "f.jsonl", FACTS), str(saved_base("qwen2"))
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    cases = [(["--from", str(tmp_path / "empty")], f"error: --from: {tmp_path / 'empty'} is not a saved adapter "
+                                                  "(no config.yaml): pass the run/final folder of an earlier teach"),
+             (["--from", str(tmp_path / "empty"), "--config", CONFIG],
+              "error: --config: --from continues with the settings of the adapter it names; change them with --set")]
+    for extra, message in cases:
+        assert main(["teach", "--base", base, "--data", data, "--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert not (tmp_path / "o").exists()

@@ -146,6 +146,29 @@ def test_param_groups_get_their_learning_rates(tmp_path):
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 
+def test_frozen_components_are_not_trained(tmp_path):
+    from memory_transformer.model import component_of
+
+    cfg = tiny(tmp_path, "training.freeze=[memory_attention, router]", "training.max_steps=3")
+    trainer = Trainer(cfg, progress=False)
+    assert {g["name"] for g in trainer.optimizer.param_groups} == {"base", "memory_bank"}
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    trainer.train()
+    after = dict(trainer.unwrapped.named_parameters())
+    moved = {component_of(n) for n in before if not torch.equal(before[n], after[n])}
+    assert moved == {"base", "memory_bank"}
+
+
+def test_freezing_everything_trainable_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"training.freeze: \['memory_bank', 'memory_attention', 'router'\] "
+                                          r"leaves nothing to train \(the base is frozen too\)"):
+        Trainer(tiny(tmp_path, "model.freeze_base=true",
+                     "training.freeze=[memory_bank, memory_attention, router]"), progress=False)
+    with pytest.raises(ConfigError, match=r"training.freeze\[0\]: got 'base'; allowed"):
+        tiny(tmp_path, "training.freeze=[base]")
+    assert not (tmp_path / "run").exists()
+
+
 def test_router_losses_see_the_global_batch(tmp_path):
     """batch 8 in one micro-batch == batch 4 x 2 accumulation steps (with per-micro-batch router statistics the
     load-balance term would differ)."""

@@ -150,7 +150,7 @@ def cmd_teach(args) -> int:
     recall (--eval-aliases), locality (KL to the base on background text) and the adapter's size."""
     from memory_transformer.teach import teach
 
-    teach(args.base, args.data, args.out, args.config, args.set, args.eval_aliases, args.background)
+    teach(args.base, args.data, args.out, args.config, args.set, args.eval_aliases, args.background, args.start)
     return 0
 
 
@@ -255,6 +255,8 @@ def _teach_args(sp) -> None:
     sp.add_argument("--out", required=True, help="a new folder: documents, run folder (adapter in run/final), result")
     sp.add_argument("--eval-aliases", metavar="FILE", help="JSONL question/answer pairs asked with other names")
     sp.add_argument("--background", type=int, default=16, help="base samples and prose paragraphs for the KL")
+    sp.add_argument("--from", dest="start", metavar="ADAPTER",
+                    help="a round of teaching: start from this adapter (an earlier OUT/run/final) and its settings")
 
 
 ARGUMENTS = {"info": _info_args, "train": _train_args, "eval": _eval_args, "lr-find": _lr_find_args,

@@ -207,6 +207,10 @@ class TrainingConfig:
     # several processes: ddp = every process holds the whole model; fsdp = FSDP2 shards the model over them
     # (memory banks replicated); one process ignores it
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # components kept as they are (not trained), e.g. [memory_attention] for a later round of teaching: the read
+    # the earlier rounds' slots were written for stays the same (docs/experiments.md, issue 17's rounds)
+    freeze: list[Literal["memory_bank", "memory_attention", "memory_mlp", "router", "lora"]] = field(
+        default_factory=list)
 
 
 @dataclass

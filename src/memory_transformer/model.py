@@ -300,10 +300,22 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
         base.requires_grad_(False)
     if cfg.lora.enabled:
         add_lora(model, cfg)
+    _freeze(model, cfg.training.freeze, for_training)
     if model.memory is not None and cfg.memory.quantization != "none":
         for bank in model.memory.banks:  # buffers of the right shapes; a checkpoint load fills them
             bank.quantize_(BITS[cfg.memory.quantization], cfg.memory.quant_group_size)
     return model
+
+
+def _freeze(model: MemoryModel, components: list[str], for_training: bool) -> None:
+    """`training.freeze`: the parameters of these components are not trained."""
+    if not components:
+        return
+    for name, p in model.named_parameters():
+        if component_of(name) in components:
+            p.requires_grad_(False)
+    if for_training and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("training.freeze", f"{components} leaves nothing to train (the base is frozen too)")
 
 
 def tokenizer_source(cfg: Config) -> tuple[str, str]:

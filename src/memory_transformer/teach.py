@@ -9,6 +9,11 @@ epoch fills at least one batch.
 
 Output folder: documents.jsonl (what was trained on), run/ (the run folder; the adapter is run/final) and
 result.json (the printed figures).
+
+Teaching in rounds: `--from EARLIER/run/final` starts from an adapter taught before, with its settings (its
+config.yaml) and its memory, and adds this round's facts; with `memory.scope: keys` the keys of every round are
+kept. A later round keeps the read fixed (`training.freeze: [memory_attention]`) and trains only the slots: the
+read the earlier rounds' slots were written for stays the same (docs/experiments.md measures it).
 """
 
 from __future__ import annotations
@@ -75,35 +80,50 @@ def repeated(docs: list[str], tokenizer, tokens_needed: int, seed: int) -> list[
     return draw_passes(docs, passes * len(docs), random.Random(f"{seed}:teach"))
 
 
-def teach_config(base: str, out: Path, config: str | None, overrides: list[str]) -> Config:
-    path = Path(config or DEFAULT_CONFIG)
-    if config is None and not path.is_file():  # run from elsewhere than a checkout: the checkout's own configs/
-        path = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+ROUND = ["training.freeze=[memory_attention]"]  # what a later round (--from) changes in the earlier one's settings
+
+
+def teach_config(base: str, out: Path, config: str | None, overrides: list[str], start: Path | None = None) -> Config:
+    """The teaching config: --config (default configs/teach.yaml), or with `start` (--from) the settings of the
+    adapter taught before, plus ROUND; then the base, the documents, the run folder and the --set overrides."""
+    if start is not None:
+        if config is not None:
+            raise ConfigError("--config", "--from continues with the settings of the adapter it names; change them "
+                              "with --set instead")
+        path = start / "config.yaml"
         if not path.is_file():
-            raise ConfigError("--config", f"the default {DEFAULT_CONFIG} is not here; pass --config FILE")
+            raise ConfigError("--from", f"{start} is not a saved adapter (no config.yaml): pass the run/final "
+                              "folder of an earlier teach")
+        overrides = [*ROUND, *overrides]
+    else:
+        path = Path(config or DEFAULT_CONFIG)
+        if config is None and not path.is_file():  # run from elsewhere than a checkout: the checkout's configs/
+            path = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
+            if not path.is_file():
+                raise ConfigError("--config", f"the default {DEFAULT_CONFIG} is not here; pass --config FILE")
     return load_config(path, [f"model.pretrained={base}", f"data.source={out / 'documents.jsonl'}", "data.path=",
                               "data.text_field=text", f"training.output_dir={out / 'run'}", *overrides])
 
 
 def teach(base: str, data: str, out: str, config: str | None = None, overrides: list[str] | None = None,
-          eval_aliases: str | None = None, background: int = 16) -> dict:
-    """Train the adapter, evaluate it, print and return the figures (also written to OUT/result.json)."""
+          eval_aliases: str | None = None, background: int = 16, start: str | None = None) -> dict:
+    """Train the adapter (from the one taught before in `start`, if given), evaluate it, print and return the
+    figures (also written to OUT/result.json)."""
     from memory_transformer.data.tokenizer import load_tokenizer
     from memory_transformer.io import new_folder
     from memory_transformer.model import tokenizer_source
-    from memory_transformer.train.trainer import train
 
     if background < 1:
         raise ConfigError("--background", f"must be a positive integer, got {background}")
     root = new_folder(out, "--out")
     records = read_facts(data, "--data")
     aliases = pair_items(read_facts(eval_aliases, "--eval-aliases")) if eval_aliases else None
-    cfg = teach_config(base, root, config, overrides or [])
+    cfg = teach_config(base, root, config, overrides or [], Path(start) if start is not None else None)
     tokenizer = load_tokenizer(*tokenizer_source(cfg))
     docs = repeated(documents(records), tokenizer, cfg.training.batch_size * cfg.model.max_seq_len, cfg.data.seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "documents.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    summary = train(cfg)
+    summary = train_from(cfg, Path(start) if start is not None else None)
     result = evaluate_taught(root / "run" / "final", pair_items(records), aliases, background, cfg.data.seed)
     result.update(documents=len(records), steps=summary["steps"], wall_time_s=summary["wall_time_s"],
                   trainable=summary["param_counts"]["trainable"])
