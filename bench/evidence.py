@@ -138,6 +138,9 @@ def main() -> None:
     p.add_argument("--prose", type=int, default=32, help="--scope: stdlib prose paragraphs for the KL")
     p.add_argument("--base-prose", type=float, default=0.2,
                    help="--scope: data.prose_fraction of the base's pretraining (real text to be disturbed on)")
+    p.add_argument("--base-steps", type=int, default=1000,
+                   help="--scope: the base's pretraining steps (with 20%% prose, 500 leave it knowing 45-80%% of "
+                        "its people's facts, 1,000 all of them)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="a named method: overrides of the config (repeatable; replaces the defaults)")
     args = p.parse_args()

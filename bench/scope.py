@@ -79,7 +79,8 @@ def _configs(args, seed: int, n: int) -> tuple[Config, Config]:
     seeded = [f"data.seed={seed}", f"training.seed={seed}", f"data.num_people={args.old + n}",
               f"data.corpus={args.corpus}"]
     base = load_config(args.base_config, [*seeded, f"data.people=[0,{args.old}]",
-                                          f"data.prose_fraction={args.base_prose}", *args.base_set])
+                                          f"data.prose_fraction={args.base_prose}",
+                                          f"training.max_steps={args.base_steps}", *args.base_set])
     teach = load_config(args.config or "configs/demo_adapter.yaml",
                         [*seeded, f"data.people=[{args.old},{args.old + n}]", *args.set])
     if n != args.sizes[0]:  # the same steps per person: 200 steps at 20 people, 1,000 at 100 (as docs/experiments.md)

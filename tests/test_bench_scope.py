@@ -35,8 +35,8 @@ def test_table_has_every_goal_row_and_dashes_where_a_measure_does_not_exist():
 
 def test_the_second_size_gets_the_same_steps_per_person():
     args = Namespace(sizes=[20, 100], old=20, corpus="demo", base_config="configs/demo_adapter_base.yaml",
-                     config="configs/demo_adapter.yaml", base_set=[], set=[], base_prose=0.2)
+                     config="configs/demo_adapter.yaml", base_set=[], set=[], base_prose=0.2, base_steps=1000)
     assert scope._configs(args, 0, 20)[1].training.max_steps == 200
     base, teach = scope._configs(args, 0, 100)
     assert teach.training.max_steps == 1000 and teach.data.people == [20, 120]
-    assert base.data.prose_fraction == 0.2 and base.data.people == [0, 20]
+    assert base.data.prose_fraction == 0.2 and base.data.people == [0, 20] and base.training.max_steps == 1000
