@@ -4,7 +4,8 @@ Every layer is called as the hooks call it (`MemoryAttention` + `MemoryBank`; PK
 `product-key-memory`, only if installed): one layer, d=256, batch 8 x 256 tokens. A training step = forward +
 backward of `out.square().mean()` (+ an AdamW step over the layer's parameters), divided by the same step of a
 SwiGLU MLP (d -> 4d -> d) measured interleaved with it; the median of the per-repeat ratios. Decode = batch 1,
-one token, no autograd, the layer's K/V cache warm: median microseconds per call.
+one token, no autograd, the layer's K/V cache warm: median microseconds per call, the layer routing at every call
+and (decision kept) with the first call's decision kept, as a generation with sequence routing decodes.
 
     python bench/read_cost.py [--repeats 5] [--chapter-size 1024] [--hidden 256] [--batch 8] [--seq 256]
                               [--decode-calls 200] [--skip-million] [--rows a,b,...]
@@ -29,6 +30,7 @@ from torch import nn
 
 from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
+from memory_transformer.memory.routing import FrozenPrompt
 
 DEFAULT = {"learned_kv": True, "slot_top_k": 8, "wo_init": "identity"}  # the library's default read
 DENSE = {"learned_kv": False, "slot_top_k": None, "wo_init": "normal"}  # W_k, W_v, every slot
@@ -89,8 +91,8 @@ def make(row: Row, args) -> tuple[nn.Module, list[nn.Parameter]]:
             super().__init__()
             self.attn, self.bank = attn, bank
 
-        def forward(self, h):
-            return self.attn(h, self.bank)[0]
+        def forward(self, h, decide=None):
+            return self.attn(h, self.bank, decide)[0]
 
     layer = Layer()
     return layer, list(layer.parameters())
@@ -108,15 +110,18 @@ def train_step(layer, opt, h) -> float:
     return time.perf_counter() - t0
 
 
-def decode_us(layer, h1: torch.Tensor, calls: int) -> float:
+def decode_us(layer, h1: torch.Tensor, calls: int, kept: bool = False) -> float:
+    """Median µs per call. `kept`: the decision of the first call kept for every call after it, as a generation
+    with sequence routing decodes (routing.FrozenPrompt); otherwise the layer routes at every call."""
     layer.eval()
+    args = (FrozenPrompt().bind(0, layer.attn.router, 0),) if kept else ()
     with torch.inference_mode():
         for _ in range(5):  # warm: K/V cache, allocator
-            layer(h1)
+            layer(h1, *args)
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
-            layer(h1)
+            layer(h1, *args)
             times.append(time.perf_counter() - t0)
     layer.train()
     return statistics.median(times) * 1e6
@@ -133,7 +138,8 @@ def available(row: Row) -> bool:
 
 
 def measure(args) -> dict[str, tuple[float, float, float]]:
-    """key -> (train ÷ MLP, + AdamW ÷ MLP, decode µs) for every row that runs."""
+    """key -> (train ÷ MLP, + AdamW ÷ MLP, decode µs, decode µs with the decision kept or None) for every row
+    that runs."""
     rows = [r for r in ROWS if available(r) and r.key in args.rows]
     h = torch.randn(args.batch, args.seq, args.hidden, requires_grad=True)
     mlp = SwiGLU(args.hidden)
@@ -150,10 +156,12 @@ def measure(args) -> dict[str, tuple[float, float, float]]:
                 t = train_step(layer, opt if adamw else None, h)
                 if i >= 2:  # the first two warm up the allocator and AdamW's state
                     ratios[adamw].append(t / t_mlp)
-        dec = decode_us(layer, torch.randn(1, 1, args.hidden), args.decode_calls)
-        results[row.key] = (statistics.median(ratios[False]), statistics.median(ratios[True]), dec)
+        h1 = torch.randn(1, 1, args.hidden)
+        dec = decode_us(layer, h1, args.decode_calls)
+        kept = None if row.pkm else decode_us(layer, h1, args.decode_calls, kept=True)
+        results[row.key] = (statistics.median(ratios[False]), statistics.median(ratios[True]), dec, kept)
         del layer, params, opt
-    results["mlp"] = (1.0, 1.0, decode_us(mlp, torch.randn(1, 1, args.hidden), args.decode_calls))
+    results["mlp"] = (1.0, 1.0, decode_us(mlp, torch.randn(1, 1, args.hidden), args.decode_calls), None)
     if args.mapped_chapters:
         results["mapped"] = measure_mapped(args)
     return results
@@ -223,17 +231,19 @@ def table(results: dict, args) -> str:
              f"median of {args.repeats} repeats (ratios to the MLP measured interleaved); torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads",
              "| layer | train ÷ MLP (today) | train ÷ MLP | + AdamW ÷ MLP (today) | + AdamW ÷ MLP | decode µs (today) "
-             "| decode µs |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| decode µs | decode µs, decision kept |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in ROWS:
         if row.key not in results:
             continue
-        (t, a, d), (t0, a0, d0) = results[row.key], TODAY[row.key]
-        lines.append(f"| {slots_label(row, args)} | {t0:.2f}x | {t:.2f}x | {a0:.2f}x | {a:.2f}x | {d0:,} | {d:,.0f} |")
-    lines.append(f"| SwiGLU MLP d -> 4d -> d | 1x | 1x | 1x | 1x | | {results['mlp'][2]:,.0f} |")
+        (t, a, d, kept), (t0, a0, d0) = results[row.key], TODAY[row.key]
+        kept = "-" if kept is None else f"{kept:,.0f}"
+        lines.append(f"| {slots_label(row, args)} | {t0:.2f}x | {t:.2f}x | {a0:.2f}x | {a:.2f}x | {d0:,} | {d:,.0f} "
+                     f"| {kept} |")
+    lines.append(f"| SwiGLU MLP d -> 4d -> d | 1x | 1x | 1x | 1x | | {results['mlp'][2]:,.0f} | |")
     if "mapped" in results:
         size, us, calls, grown = results["mapped"]
         lines.append(f"| {args.mapped_chapters * args.chapter_size:,} slots int8, memory-mapped "
-                     f"({size / 2**20:,.0f} MiB), a new chapter every call | - | - | - | - | impossible | {us:,.0f} |")
+                     f"({size / 2**20:,.0f} MiB), a new chapter every call | - | - | - | - | impossible | {us:,.0f} | |")
     return "\n".join(lines + ["", goal_table(results, args)])
 
 
@@ -242,7 +252,7 @@ def goal_table(r: dict, args) -> str:
     def ratio(a: str, b: str, col: int) -> str:
         return f"{r[a][col] / r[b][col]:.2f}" if a in r and b in r else "-"
 
-    decode = f"{r['chapters'][2]:,.0f} µs" if "chapters" in r else "-"
+    decode = f"{r['chapters'][2]:,.0f} µs ({r['chapters'][3]:,.0f} µs, decision kept)" if "chapters" in r else "-"
     rows = [
         ("token routing step ÷ sequence routing step, 128 chapters, top-1 (fwd + bwd; + AdamW)", "~109",
          f"{ratio('token', 'chapters', 0)}; {ratio('token', 'chapters', 1)}", "<= 1.3"),
