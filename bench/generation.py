@@ -9,7 +9,7 @@ multiply-adds: a 1,024-slot read costs 2 * 1,024 * d per token and layer, about 
 layer, so that ratio bounds what (b) can reach at these shapes.
 
     python bench/generation.py [--repeats 7] [--new 128] [--prompt 32] [--hidden 256] [--layers 4]
-                               [--memory-layers N]
+                               [--memory-layers N] [--read projected|default]
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ from memory_transformer import build_model, load_config
 from memory_transformer.data.synthetic_facts import SyntheticFacts
 
 
+READS = {  # --read: projected K/V with every slot of a chapter read (the read these numbers were first measured
+    # with), or the library's default read (learned K/V, each query's best 8 slots)
+    "projected": {"wo_init": "normal", "kv": "projected", "slot_top_k": None},
+    "default": {},
+}
+
+
 def make(args, memory: dict):
     cfg = load_config({
         "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": 4, "max_seq_len": 512},
-        # projected K/V, every slot of a chapter read: the read these numbers were first measured with
-        "memory": {"num_heads": 4, "wo_init": "normal", "kv": "projected", "slot_top_k": None,
-                   "layers": f"last:{args.memory_layers}", **memory},
+        "memory": {"num_heads": 4, **READS[args.read], "layers": f"last:{args.memory_layers}", **memory},
         "training": {"max_steps": 1},
     })
     return build_model(cfg, seed=0).eval()
@@ -62,6 +67,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--memory-layers", type=int, default=None, help="memory in the last N layers (default: all)")
+    p.add_argument("--read", choices=sorted(READS), default="projected", help="the memory read (READS)")
     args = p.parse_args()
     args.memory_layers = args.memory_layers or args.layers
     memory = make(args, {"num_tokens": 131072, "num_chapters": 128, "top_k": 1})
@@ -86,7 +92,7 @@ def main() -> None:
                     speed[name].append(tps)
     med = {name: statistics.median(v) for name, v in speed.items()}
     print(f"tiny llama: hidden {args.hidden}, {args.layers} layers, memory in the last {args.memory_layers} (131,072 slots, 128 chapters,"
-          f" top_k 1); batch 1, prompt {args.prompt}, {args.new} new tokens greedy, KV cache;"
+          f" top_k 1, {args.read} read); batch 1, prompt {args.prompt}, {args.new} new tokens greedy, KV cache;"
           f" median of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'setup':<34}{'tokens/s':>10}{'ms/token':>10}")
     for name in setups:

@@ -412,3 +412,38 @@ def test_cached_reads_under_inference_mode_then_no_grad_agree():
         c, _ = attn(h, bank)
     torch.testing.assert_close(a.clone(), b)
     torch.testing.assert_close(b, c)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 4)])
+def test_decoding_read_of_one_chapter_equals_the_general_dense_read(B, T):
+    """Outside autograd, a decision of one chapter takes `_read_one_chapter` (a decoding step: the cached K/V
+    as views, no bookkeeping): bit for bit the general read (here: with autograd on, K/V projected afresh)."""
+    torch.manual_seed(0)
+    attn = MemoryAttention(AttentionArgs(32, 32, 4, 3, 1, wo_init="normal")).eval()
+    bank = MemoryBank(3 * 16, 3, 32)
+    h = torch.randn(B, T, 32)
+    decide = lambda x, mask: Routing(torch.full((B, 1), 2), torch.ones(B, 1))
+    with torch.no_grad():
+        fast, _ = attn(h, bank, decide)
+        again, _ = attn(h, bank, decide)  # from the K/V cache
+    general, _ = attn(h, bank, decide)
+    assert torch.equal(fast, general.detach()) and torch.equal(again, fast)
+
+
+def test_one_choice_gives_the_chapters_of_unique():
+    """A decision of one chapter (decoding at batch 1, top-1) skips `unique`: the same list and inverse."""
+    for ids in (torch.tensor([[5]]), torch.tensor([[[0]]])):
+        chapters, inverse = Routing(ids, torch.ones(ids.shape)).chapters()
+        ref, ref_inverse = torch.unique(ids, return_inverse=True)
+        assert chapters == ref.tolist()
+        assert torch.equal(inverse, ref_inverse) and inverse.dtype == ref_inverse.dtype
+
+
+def test_sequence_routing_of_one_position_is_the_routing_of_its_mean():
+    torch.manual_seed(0)
+    attn = MemoryAttention(AttentionArgs(32, 32, 4, 8, 2))
+    x = torch.randn(3, 1, 32)
+    routing = attn.policy.bind(0, attn.router, 0)(x, None)
+    gates, ids = top_k(attn.router(x.mean(dim=1)), 2)
+    assert torch.equal(routing.ids, ids) and torch.equal(routing.gates, gates)
+    assert torch.equal(routing.pooled, x.mean(dim=1))

@@ -57,6 +57,13 @@ def rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return X.transpose(1, 2).reshape(B, H, k * S, h).gather(2, rows.expand(-1, -1, -1, h))
 
 
+def _weights(projection: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a `projection`; a bias-free Linear's without walking the module tree."""
+    if isinstance(projection, nn.Linear) and projection.bias is None:
+        return [projection.weight]
+    return list(projection.parameters())
+
+
 @dataclass
 class AttentionArgs:
     """What one memory cross-attention layer is built from (`from_config` for a model's memory)."""
@@ -166,7 +173,9 @@ class MemoryAttention(nn.Module):
 
     def _version_key(self, bank: MemoryBank, chapter: int) -> tuple:
         # In-place updates (optimizer steps, load_state_dict) bump `_version`; `.to()` makes new storage.
-        projections = [] if self.k is None else [*self.k.parameters(), *self.v.parameters()]
+        # Looked up at every call (a Parameter may be replaced); `.parameters()` of a Linear walks the module
+        # tree, a third of a decoding step's cache check.
+        projections = [] if self.k is None else [*_weights(self.k), *_weights(self.v)]
         params = [*bank.chapter_params(chapter), *projections]
         return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
 
@@ -233,6 +242,10 @@ class MemoryAttention(nn.Module):
         """Every token of row b attends to the concatenation of row b's k chapters. q (B, T, H, h) -> (B, T, w)."""
         B, T, H, hd = q.shape
         chapters, inverse = routing.chapters()
+        if len(chapters) == 1 and routing.ids.shape[-1] == 1 and self.null_key is None \
+                and not torch.is_grad_enabled():  # generation: few ops per token
+            _, K, V = self._cached_kv(bank, chapters[0])  # (H, S, h), as `project_kv` would return them
+            return self._read_one_chapter(q, K, V)
         K, V = self.project_kv(bank, chapters)  # (U, H, S, h)
         S = K.shape[2]
         inverse, gates = inverse.view(B, -1), routing.gates.view(B, -1)  # (B, k); (B, 1, k) when T == 1
@@ -241,8 +254,6 @@ class MemoryAttention(nn.Module):
         log_g = (gates / gates.sum(-1, keepdim=True)).log() if k > 1 else None  # (B, k)
         dropout = self.dropout if self.training else 0.0
         sparse = self.slot_top_k is not None and self.slot_top_k < S
-        if sparse and len(chapters) == 1 and self.null_key is None and not torch.is_grad_enabled():
-            return self._read_kept_one_chapter(q, K[0], V[0])  # generation: few ops per token
         if sparse or self.null_key is not None:
             if len(chapters) == 1:  # views of the one chapter (decode: the cached K/V, no copy per token)
                 Kb, Vb = K[None].expand(B, k, H, S, hd), V[None].expand(B, k, H, S, hd)
@@ -256,6 +267,17 @@ class MemoryAttention(nn.Module):
             V = take(V, inverse).transpose(1, 2).reshape(B, H, k * S, hd)
         bias = None if log_g is None else log_g.to(q.dtype).repeat_interleave(S, dim=1)[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=bias, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(B, T, H * hd)
+
+    def _read_one_chapter(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """Outside autograd, every row reading the same one chapter K, V (H, S, h) with k = 1 (no gate bias), no
+        null slot: the read of `_read_sequences` without its bookkeeping. q (B, T, H, h) -> (B, T, w)."""
+        if self.slot_top_k is not None and self.slot_top_k < K.shape[1]:
+            return self._read_kept_one_chapter(q, K, V)
+        B, T, H, hd = q.shape
+        K, V = K.expand(B, -1, -1, -1), V.expand(B, -1, -1, -1)  # views, no copy
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, dropout_p=dropout)
         return out.transpose(1, 2).reshape(B, T, H * hd)
 
     def _read_kept_one_chapter(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

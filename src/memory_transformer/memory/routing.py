@@ -52,7 +52,9 @@ class Routing:
     def chapters(self) -> tuple[list[int], torch.Tensor]:
         """The distinct chapters as a list (U,) and each choice's index into it (same shape as ids). Computed
         once: a decision frozen for a whole generation costs no `unique` and no device sync per step."""
-        if self._chapters is None:
+        if self._chapters is None and self.ids.numel() == 1:  # one choice (decoding at batch 1, top-1): no sort
+            self._chapters = ([int(self.ids.item())], torch.zeros_like(self.ids))
+        elif self._chapters is None:
             chapters, inverse = torch.unique(self.ids, return_inverse=True)
             self._chapters = (chapters.tolist(), inverse)
         return self._chapters
@@ -78,7 +80,7 @@ class Router(nn.Module):
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over time of x (B, T, d), counting only positions where mask (B, T) is 1."""
     if mask is None:
-        return x.mean(dim=1)
+        return x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)  # one position (a decoding step): its own mean
     m = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
