@@ -95,7 +95,7 @@ class MemoryConfig:
     scope_threshold: float = 0.5  # gate values below it read nothing at inference
     scope_margin: float = 2.0  # the margin loss wants gate logits >= margin on taught, <= -margin on background tokens
     scope_novelty: float = 0.8  # keys: a taught state is a key when its best cosine to the background is below this
-    scope_radius: float = 0.5  # keys: a key matches above b + radius * (1 - b), b its best cosine to the background
+    scope_radius: float = 0.7  # keys: a key matches above b + radius * (1 - b), b its best cosine to the background
     scope_max_keys: int = 8192  # keys: at most this many (a seeded random subset of the candidates)
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
