@@ -18,6 +18,7 @@ from memory_transformer import load_config
 from memory_transformer.config import Config
 from memory_transformer.demo import KEYS
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
+from memory_transformer.teach import ROUND
 
 V, L = ["memory.enabled=true", "lora.enabled=false"], ["memory.enabled=false", "lora.enabled=true"]
 
@@ -71,7 +72,8 @@ def run_seed(args, seed: int) -> dict[str, dict]:
         for name in chosen:
             rows[name] = probes[name]
             if args.rounds > 1:
-                rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"]))
+                rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"],
+                                          ROUND))  # as `teach --from`: later rounds keep the read (memory)
     return rows
 
 
@@ -114,9 +116,9 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
 
 def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float,
             later: list[str] = ()) -> dict:
-    """Teach the new people in `args.rounds` rounds of `args.round_steps` steps each (default: the teaching
-    config's), each round from the previous one's weights with `later` added after the first; recall of round 1's
-    people after the last, old kept."""
+    """Teach the new people in `args.rounds` rounds of the teaching config's steps each, each round from the
+    previous one's weights with `later` added after the first; recall of round 1's people after the last, old
+    kept."""
     from memory_transformer.evaluate import fact_recall
     from memory_transformer.io import load_model
     from memory_transformer.knowledge import kept_share, round_ranges
@@ -129,7 +131,7 @@ def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, ba
     ranges = round_ranges(*d.people, args.rounds)
     paths = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
     rank, _ = matching_lora_rank(build_model(load_config(teach, [*paths, *V])))
-    steps = getattr(args, "round_steps", None) or teach.training.max_steps
+    steps = teach.training.max_steps  # a round is a teaching run: 40 steps per round taught no method anything
     previous = None
     for k, (start, stop) in enumerate(ranges):
         run = root / f"{name}-rounds" / f"round-{k + 1}"
