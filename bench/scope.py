@@ -12,6 +12,7 @@ output folder (its final/ exists) is reused.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from memory_transformer import load_config
@@ -115,7 +116,7 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
 
 
 def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float,
-            later: list[str] = ()) -> dict:
+            later: Sequence[str] = ()) -> dict:
     """Teach the new people in `args.rounds` rounds of the teaching config's steps each, each round from the
     previous one's weights with `later` added after the first; recall of round 1's people after the last, old
     kept."""

@@ -22,8 +22,6 @@ from memory_transformer.model import eval_mode
 from memory_transformer.recall import recall
 
 
-
-
 def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | None]:
     """QA recall per alias form (ALIAS_FORMS) of `facts`' people; None for a form no person has unambiguously
     (e.g. "no_middle" on a corpus without middle names)."""

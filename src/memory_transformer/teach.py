@@ -118,12 +118,13 @@ def teach(base: str, data: str, out: str, config: str | None = None, overrides: 
     root = new_folder(out, "--out")
     records = read_facts(data, "--data")
     aliases = pair_items(read_facts(eval_aliases, "--eval-aliases")) if eval_aliases else None
-    cfg = teach_config(base, root, config, overrides or [], Path(start) if start is not None else None)
+    start_dir = Path(start) if start is not None else None
+    cfg = teach_config(base, root, config, overrides or [], start_dir)
     tokenizer = load_tokenizer(*tokenizer_source(cfg))
     docs = repeated(documents(records), tokenizer, cfg.training.batch_size * cfg.model.max_seq_len, cfg.data.seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "documents.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    summary = train_from(cfg, Path(start) if start is not None else None)
+    summary = train_from(cfg, start_dir)
     result = evaluate_taught(root / "run" / "final", pair_items(records), aliases, background, cfg.data.seed)
     result.update(documents=len(records), steps=summary["steps"], wall_time_s=summary["wall_time_s"],
                   trainable=summary["param_counts"]["trainable"])
