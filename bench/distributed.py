@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,15 +47,10 @@ def worker(slots: int, chapter_size: int, sharded: bool, steps: int) -> None:
                           "threads": torch.get_num_threads()}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(processes: int, slots: int, chapter_size: int, sharded: bool, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-           f"--master_port={_free_port()}", __file__, "--worker", "--slots", str(slots),
+    # --standalone: the launcher binds a free port itself (one chosen here could be taken before it binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           __file__, "--worker", "--slots", str(slots),
            "--chapter-size", str(chapter_size), "--steps", str(steps)] + (["--sharded"] if sharded else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
