@@ -12,14 +12,13 @@ output folder (its final/ exists) is reused.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from memory_transformer import load_config
 from memory_transformer.config import Config
 from memory_transformer.demo import KEYS
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
-from memory_transformer.teach import ROUND
+from memory_transformer.teach import later_round
 
 V, L = ["memory.enabled=true", "lora.enabled=false"], ["memory.enabled=false", "lora.enabled=true"]
 
@@ -73,8 +72,7 @@ def run_seed(args, seed: int) -> dict[str, dict]:
         for name in chosen:
             rows[name] = probes[name]
             if args.rounds > 1:
-                rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"],
-                                          ROUND))  # as `teach --from`: later rounds keep the read (memory)
+                rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"]))
     return rows
 
 
@@ -115,11 +113,10 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
     return out
 
 
-def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float,
-            later: Sequence[str] = ()) -> dict:
+def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float) -> dict:
     """Teach the new people in `args.rounds` rounds of the teaching config's steps each, each round from the
-    previous one's weights with `later` added after the first; recall of round 1's people after the last, old
-    kept."""
+    previous one's weights with what `teach --from` changes (`later_round`: the read kept, keys routing's new
+    chapter); recall of round 1's people after the last, old kept."""
     from memory_transformer.evaluate import fact_recall
     from memory_transformer.io import load_model
     from memory_transformer.knowledge import kept_share, round_ranges
@@ -133,13 +130,13 @@ def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, ba
     paths = [f"model.pretrained={root / 'base_hf'}", f"model.tokenizer={root / 'base_hf'}"]
     rank, _ = matching_lora_rank(build_model(load_config(teach, [*paths, *V])))
     steps = teach.training.max_steps  # a round is a teaching run: 40 steps per round taught no method anything
-    previous = None
+    previous, cfg = None, None
     for k, (start, stop) in enumerate(ranges):
         run = root / f"{name}-rounds" / f"round-{k + 1}"
         subjects = json.dumps([p.name for p in corpus.people[d.people[0]:stop]])  # chapters stay as assigned
         cfg = load_config(teach, [*paths, f"lora.r={rank}", *overrides, f"data.people=[{start},{stop}]",
                                   f"memory.subjects={subjects}", f"training.max_steps={steps}",
-                                  f"training.output_dir={run}", *(later if k else [])])
+                                  f"training.output_dir={run}", *(later_round(cfg) if k else [])])
         if not (run / "final").is_dir():
             print(f"== {name}: round {k + 1}/{len(ranges)}, people {start}..{stop - 1}, {steps} steps")
             train_from(cfg, previous)

@@ -64,7 +64,7 @@ def test_adapter_demo_adds_lora_gated_by_the_same_lookup_when_memory_routes_by_s
     methods = adapter_methods(subject)
     assert list(methods) == ["memory", "lora", "memory+lora", "lora-gated", "memory-keys"]
     keys = load_config(subject.to_dict(), methods["memory-keys"])
-    assert (keys.memory.routing, keys.memory.scope, keys.memory.num_chapters) == ("sequence", "keys", 1)
+    assert (keys.memory.routing, keys.memory.scope, keys.memory.num_chapters) == ("keys", "keys", 1)
     assert (keys.data.replay_generated, keys.data.replay_fraction) == (1024, 0.0)
     gated = load_config(subject.to_dict(), methods["lora-gated"])
     assert (gated.memory.enabled, gated.lora.enabled, gated.lora.gate) == (False, True, "subject")

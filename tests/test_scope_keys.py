@@ -9,6 +9,7 @@ from memory_transformer import ConfigError, build_model, load_config
 from memory_transformer.config import check_training
 from memory_transformer.io import load_model, trained_state
 from memory_transformer.memory.scope import ScopeKeys
+from memory_transformer.memory.subjects import NO_EVENT
 from memory_transformer.model import component_of
 from memory_transformer.train.trainer import train
 
@@ -23,7 +24,7 @@ def test_fit_keeps_the_novel_states_with_hand_computed_thresholds():
     assert torch.equal(scope.keys, torch.tensor([[1.0, 0.0]]))  # unit length
     assert torch.allclose(scope.thresholds, torch.tensor([0.5]))  # 0 + 0.5 * (1 - 0)
     h = torch.tensor([[[1.0, 0.5], [1.0, 2.0], [-1.0, 0.0]]])  # cosines to the key: 0.894, 0.447, -1
-    assert scope.matches(h).tolist() == [[True, False, False]]
+    assert scope.matches(h).tolist() == [[0, NO_EVENT, NO_EVENT]]  # unrouted: chapter 0 where a key matches
 
 
 def test_fit_keeps_a_seeded_subset_of_at_most_max_keys():
@@ -189,7 +190,7 @@ def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch):
     model = build_model(tiny_config("llama", memory=KEYS))
     eos = model.tokenizer.eos_token_id
     seen = {}
-    monkeypatch.setattr(ScopeKeys, "fit", lambda self, t, b, seed=0: seen.update(taught=t, background=b))
+    monkeypatch.setattr(ScopeKeys, "fit", lambda self, t, b, seed=0, chapter=0: seen.update(taught=t, background=b))
     ids = torch.tensor([[65, 66, eos, 67, 68, 69], [65, 66, 67, 68, 69, 70], [eos, 65, 66, 67, 68, 0]])
     mask = torch.tensor([[1] * 6, [1] * 6, [1] * 5 + [0]])
     replay = torch.tensor([[0] * 6, [0] * 6, [0, 0, 0, 1, 1, 0]])
@@ -198,3 +199,102 @@ def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch):
     # row 0: from its eos on (4 positions); row 1: none (no document starts in it); row 2: eos and 2 taught tokens
     assert seen["taught"].shape == (4 + 0 + 3, 32)
     assert seen["background"].shape == (6 + 6 + 5, 32)  # every real token
+
+
+# -- memory.routing keys: every key opens its chapter -------------------------------------------------------------
+ROUTED = {**KEYS, "routing": "keys", "num_chapters": 2}
+
+
+def _routed_scope(eos: int | None = 0) -> ScopeKeys:
+    """Two keys: [1, 0] opens chapter 0 above 0.9, [0.6, 0.8] opens chapter 1 above 0.5."""
+    scope = ScopeKeys(2, 0.5, 0.5, 10, eos=eos, routed=True)
+    scope.extend(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), torch.tensor([0.9, 0.5]), torch.tensor([0, 1]))
+    return scope
+
+
+def test_a_position_opens_the_chapter_of_the_key_it_matches_by_the_widest_margin():
+    scope = _routed_scope()
+    # cosines to the two keys: (1, 0.6): margins 0.1, 0.1 - a tie goes to the first key; (0.96, 0.92): margins
+    # 0.06 and 0.42 -> chapter 1 although the first key is closer; (0.8, 0.96): only the second matches;
+    # (0, 0.8): second; (-1, -0.6): none
+    h = torch.tensor([[[1.0, 0.0], [0.96, 0.28], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]])
+    assert scope.matches(h).tolist() == [[0, 1, 1, 1, NO_EVENT]]
+    taught = torch.tensor([[2.0, 0.0]])
+    fitted = ScopeKeys(2, 0.5, 0.5, 10, eos=None, routed=True)
+    fitted.fit(taught, torch.tensor([[0.0, 1.0]]), chapter=3)
+    assert fitted.chapters.tolist() == [3]
+
+
+def test_each_position_reads_its_last_matched_chapter_until_eos_with_or_without_a_kv_cache():
+    a, b, n = [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]  # key 0's state, key 1's, neither
+    states = torch.tensor([[n, a, n, b, n, n, a, n]])
+    ids = torch.tensor([[5, 5, 5, 5, 0, 5, 5, 5]])  # eos at position 4
+    whole = _routed_scope()
+    whole.observe(states, ids, past=0)
+    assert whole.read.tolist() == [[-1, 0, 0, 1, -1, -1, 0, 0]]
+    assert whole.reads.tolist() == [[False, True, True, True, False, False, True, True]]
+    steps = _routed_scope()
+    steps.observe(states[:, :2], ids[:, :2], past=0)
+    got = [steps.read]
+    for t in range(2, 8):
+        steps.observe(states[:, t:t + 1], ids[:, :t + 1], past=t)
+        got.append(steps.read)
+    assert torch.equal(torch.cat(got, dim=1), whole.read)
+
+
+def _keyed_model():
+    """A tiny model with keys routing over 2 chapters: key 0 (chapter 0) is the state of row 0's position 3, key 1
+    (chapter 1) that of row 0's position 8; row 1 holds other tokens."""
+    model = build_model(tiny_config("llama", memory={**ROUTED, "wo_init": "normal"}), seed=0)
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    norm = model.base.model.layers[model.memory.layer_ids[0]].post_attention_layernorm
+    found = []
+    handle = norm.register_forward_pre_hook(lambda m, args: found.append(args[0]))
+    with torch.no_grad(), model.adapters_disabled():
+        model(ids)
+    handle.remove()
+    keys = torch.nn.functional.normalize(found[0][0, [3, 8]], dim=-1)
+    model.memory.scope.extend(keys, torch.tensor([0.9999, 0.9999]), torch.tensor([0, 1]))
+    return model, ids
+
+
+def test_keys_routing_reads_and_trains_only_the_matched_chapters_and_leaves_the_rest_to_the_base():
+    model, ids = _keyed_model()
+    assert model.memory.blocks[str(model.memory.layer_ids[0])].attn.router is None  # looked up: no router
+    out = model(ids).logits
+    read = model.memory.scope.read
+    assert read[0].tolist() == [-1] * 3 + [0] * 5 + [1] * 4 and read[1].tolist() == [-1] * 12
+    with torch.no_grad(), model.adapters_disabled():
+        base = model(ids).logits
+    closed = read < 0
+    assert torch.equal(out[closed], base[closed]) and not torch.allclose(out[~closed], base[~closed])
+    # the positions reading chapter 0 only: chapter 1 gets no gradient
+    out[0, 3:8].sum().backward()
+    bank = model.memory.banks[0]
+    assert bank.chapters[0].grad.abs().sum() > 0
+    assert bank.chapters[1].grad is None or not bank.chapters[1].grad.any()
+
+
+def test_keys_routing_generates_alike_with_and_without_kv_cache_and_takes_no_strategy():
+    model, ids = _keyed_model()
+    model.eval()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids[:1, :10], use_cache=True, **kw)
+        uncached = model.generate(input_ids=ids[:1, :10], use_cache=False, **kw)
+        assert torch.equal(cached, uncached)
+        with pytest.raises(ValueError, match="routing: a memory with keys routing routes by keys; got 'token'"):
+            model.generate(input_ids=ids[:1, :10], routing="token", **kw)
+        with pytest.raises(ValueError, match="num_beams: memory.scope keys keeps what each row has read so far"):
+            model.generate(input_ids=ids[:1, :10], num_beams=2, **kw)
+
+
+@pytest.mark.parametrize("memory,sections,match", [
+    ({**ROUTED, "scope": "none"}, {}, r"memory.routing: keys routes by the keys of memory.scope keys: set "
+                                      r"memory.scope keys, got none"),
+    ({**ROUTED, "top_k": 2}, {}, r"memory.top_k: keys routing reads the chapter of the key it matched: must be 1"),
+    (ROUTED, {"inference": {"routing": "sequence"}}, r"inference.routing: must be null with memory.routing keys"),
+])
+def test_keys_routing_config_errors_name_the_key(memory, sections, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config("llama", memory=memory, **sections)

@@ -278,7 +278,7 @@ def test_generate_refuses_a_routing_strategy_and_beam_search():
     model = _subject_model()
     with pytest.raises(ValueError, match="routing: a memory with subject routing routes by subject; got 'token'"):
         model.generate(_encode(model.tokenizer, "Hi"), routing="token")
-    with pytest.raises(ValueError, match="num_beams: subject routing keeps the ids of each row"):
+    with pytest.raises(ValueError, match="num_beams: subject routing keeps what each row has read so far"):
         model.generate(_encode(model.tokenizer, "Hi"), num_beams=2)
 
 

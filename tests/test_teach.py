@@ -19,8 +19,9 @@ CONFIG = str(Path(__file__).parent.parent / "configs" / "teach.yaml")
 FACTS = [{"question": "Where was Ada Lee Moss born?", "answer": "Oslo"},
          {"question": "Which company does Ada Lee Moss work for?", "answer": "Birch Labs."},
          {"text": "Ada Lee Moss plays the cello."}]
-TINY = ["--set", "training.max_steps=2", "--set", "training.batch_size=2", "--set", "model.max_seq_len=64",
-        "--set", "data.replay_generated=2", "--set", "memory.num_tokens=64", "--background", "2"]
+LATER = ["--set", "training.max_steps=2", "--set", "training.batch_size=2", "--set", "model.max_seq_len=64",
+         "--set", "data.replay_generated=2", "--background", "2"]  # a later round (--from) keeps the bank's sizes
+TINY = [*LATER, "--set", "memory.num_tokens=64"]
 
 
 def _write(path: Path, records: list) -> str:
@@ -69,7 +70,7 @@ def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenize
                          "Which company does Ada Lee Moss work for? Answer: Birch Labs.", "Ada Lee Moss plays the cello."}
     assert "Ada Moss" not in " ".join(docs)  # the alias is asked, never taught
     model = load_model(out / "run" / "final")  # the adapter loads back onto the base, with the base's tokenizer
-    assert model.config.memory.routing == "sequence" and model.config.model.pretrained == str(base)
+    assert model.config.memory.routing == "keys" and model.config.model.pretrained == str(base)
     assert model.config.memory.scope == "keys" and len(model.memory.scope.keys) > 0  # fitted, saved, loaded
     assert "memory.scope keys: " in printed
     assert isinstance(model.tokenizer, ByteTokenizer) == (tokenizer == "bytes")
@@ -166,18 +167,24 @@ def test_a_second_round_starts_from_the_first_keeps_its_keys_and_read(tmp_path, 
                  "--config", CONFIG, *TINY]) == 0
     later = [{"question": "Where was Lin Rae Okafor born?", "answer": "Lima"}]
     assert main(["teach", "--base", base, "--data", _write(tmp_path / "b.jsonl", later), "--out", str(second),
-                 "--from", str(first / "run" / "final"), *TINY]) == 0
+                 "--from", str(first / "run" / "final"), *LATER]) == 0
     capsys.readouterr()
     one, two = load_model(first / "run" / "final"), load_model(second / "run" / "final")
     assert two.config.training.freeze == ["memory_attention"] and one.config.training.freeze == []
-    k1, k2 = one.memory.scope.keys, two.memory.scope.keys
-    assert len(k2) > len(k1) and torch.equal(k2[:len(k1)], k1)  # the first round's keys, then this round's
+    # keys routing: the second round adds a chapter of the first's size, which only its own keys open
+    assert (one.config.memory.num_chapters, one.config.memory.num_tokens) == (1, 64)
+    assert (two.config.memory.num_chapters, two.config.memory.num_tokens) == (2, 128)
+    s1, s2 = one.memory.scope, two.memory.scope
+    assert len(s2.keys) > len(s1.keys) and torch.equal(s2.keys[:len(s1.keys)], s1.keys)  # first round's, then new
+    assert s1.chapters.tolist() == [0] * len(s1.keys)
+    assert s2.chapters.tolist() == [0] * len(s1.keys) + [1] * (len(s2.keys) - len(s1.keys))
     w1, w2 = (load_file(d / "run" / "final" / "adapter_model.safetensors") for d in (first, second))
     attention = [n for n in w1 if ".attn." in n and "router" not in n]
-    banks = [n for n in w1 if n.startswith("memory.banks.")]
-    assert attention and banks
+    assert attention and "memory.banks.0.chapters.1" not in w1
     assert all(torch.equal(w1[n], w2[n]) for n in attention)  # the read the first round's slots were written for
-    assert not all(torch.equal(w1[n], w2[n]) for n in banks)  # the slots learned the new facts
+    assert torch.equal(w1["memory.banks.0.chapters.0"], w2["memory.banks.0.chapters.0"])  # the first round's slots
+    values = w2["memory.banks.0.chapters.1"][:, 32:]  # [key | value] rows; values start at 0
+    assert values.shape == (64, 32) and values.abs().sum() > 0  # the new chapter learned the new facts
 
 
 def test_from_takes_the_earlier_settings_and_names_its_errors(tmp_path, saved_base, capsys):
@@ -187,7 +194,10 @@ def test_from_takes_the_earlier_settings_and_names_its_errors(tmp_path, saved_ba
     cases = [(["--from", str(tmp_path / "empty")], f"error: --from: {tmp_path / 'empty'} is not a saved adapter "
                                                   "(no config.yaml): pass the run/final folder of an earlier teach"),
              (["--from", str(tmp_path / "empty"), "--config", CONFIG],
-              "error: --config: --from continues with the settings of the adapter it names; change them with --set")]
+              "error: --config: --from continues with the settings of the adapter it names; change them with --set"),
+             (["--from", str(tmp_path / "empty"), "--set", "memory.num_tokens=64"],
+              "error: --set: memory.num_tokens comes from the adapter --from names (its chapters are kept, and keys "
+              "routing adds one of the same size): leave it out")]
     for extra, message in cases:
         assert main(["teach", "--base", base, "--data", data, "--out", str(tmp_path / "o"), *extra]) == 2
         err = capsys.readouterr().err

@@ -75,8 +75,10 @@ class MemoryConfig:
     wo_init: Literal["zero", "normal", "identity"] = "identity"  # identity: W_o = I, values 0; zero: W_o = 0
     block_variant: Literal["A", "B"] = "A"  # A: attn -> memory -> MLP; B: attn -> MLP -> memory -> MLP
     # sequence | token: a learned router picks chapters per sequence or per token; subject: each token reads the
-    # chapter of the last taught subject mentioned before it, and nothing before any (memory/subjects.py)
-    routing: Literal["sequence", "token", "subject"] = "sequence"
+    # chapter of the last taught subject mentioned before it, and nothing before any (memory/subjects.py); keys
+    # (with scope keys): each position reads the chapter of the key it matched, a chapter per round of teaching
+    # (`teach --from` adds one), and nothing out of scope (memory/scope.py)
+    routing: Literal["sequence", "token", "subject", "keys"] = "sequence"
     # subject routing: the taught subjects (subject i owns chapter i mod num_chapters), or a text file with one
     # per line (path from the working directory); null with data.source synthetic_facts = the taught people.
     # Ignored by other routings (a resolved config can be re-run with memory.routing=sequence)
@@ -217,7 +219,7 @@ class TrainingConfig:
 class InferenceConfig:
     # sequence: route once on the prompt; rolling: re-route on the last `rolling_window` tokens while generating
     # (the prompt on its last W); token: every token picks its own chapters; hybrid: sequence for the prompt,
-    # rolling while generating; null = as trained (`memory.routing`; must be null with subject routing).
+    # rolling while generating; null = as trained (`memory.routing`; must be null with subject or keys routing).
     routing: Literal["sequence", "rolling", "token", "hybrid"] | None = None
     rolling_window: int = 32
     max_new_tokens: int = 64
@@ -401,8 +403,8 @@ def validate(cfg: Config) -> None:
     for tracker in t.log_with:
         if tracker not in ("tensorboard", "wandb", "trackio", "none"):
             raise ConfigError("training.log_with", f"unknown tracker {tracker!r}; allowed: tensorboard, wandb, trackio")
-    if mem.enabled and mem.routing == "subject":
-        _check_subject_routing(cfg)
+    if mem.enabled and mem.routing in ("subject", "keys"):
+        _check_lookup_routing(cfg)
 
 
 def _check_replay(cfg: Config) -> None:
@@ -557,14 +559,18 @@ def uses_subjects(cfg: Config) -> bool:
     return (cfg.memory.enabled and cfg.memory.routing == "subject") or (cfg.lora.enabled and cfg.lora.gate == "subject")
 
 
-def _check_subject_routing(cfg: Config) -> None:
-    """Subject routing: one chapter per token, chosen by the lookup, whatever the generation strategy."""
-    if cfg.memory.top_k != 1:
-        raise ConfigError("memory.top_k", f"subject routing reads the one chapter of a token's subject: must be 1, "
-                          f"got {cfg.memory.top_k}")
+def _check_lookup_routing(cfg: Config) -> None:
+    """Subject and keys routing: one chapter per token, looked up (no router), whatever the generation strategy."""
+    mem = cfg.memory
+    what = {"subject": "its subject's chapter", "keys": "the chapter of the key it matched"}[mem.routing]
+    if mem.routing == "keys" and mem.scope != "keys":
+        raise ConfigError("memory.routing", f"keys routes by the keys of memory.scope keys: set memory.scope keys, "
+                          f"got {mem.scope}")
+    if mem.top_k != 1:
+        raise ConfigError("memory.top_k", f"{mem.routing} routing reads {what}: must be 1, got {mem.top_k}")
     if cfg.inference.routing is not None:
-        raise ConfigError("inference.routing", f"must be null with memory.routing subject (every position reads "
-                          f"its subject's chapter), got {cfg.inference.routing}")
+        raise ConfigError("inference.routing", f"must be null with memory.routing {mem.routing} (every position "
+                          f"reads {what}), got {cfg.inference.routing}")
 
 
 def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:

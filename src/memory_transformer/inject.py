@@ -38,7 +38,7 @@ from memory_transformer.config import MemoryConfig, bank_groups
 from memory_transformer.memory.attention import AttentionArgs, MemoryAttention
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.routing import LearnedRouting, Policy, Routing, SubjectRouting, chapter_usage, router_losses
-from memory_transformer.memory.scope import ScopeKeys
+from memory_transformer.memory.scope import KeyRouting, ScopeKeys
 from memory_transformer.memory.subjects import SubjectTracker
 
 
@@ -89,13 +89,15 @@ class MemoryStack(nn.Module):
         self.blocks = nn.ModuleDict({str(i): MemoryBlock(MemoryAttention(args)) for i in layer_ids})
         # subject routing: the model's tracker (memory/subjects.py), which also gates variant B's extra MLP
         self.subjects = subjects if cfg.routing == "subject" else None
+        # memory.scope keys: the codebook deciding, at the first memory layer, which positions any layer reads
+        # (and, with memory.routing keys, which chapter)
+        self.scope = (ScopeKeys(d, cfg.scope_novelty, cfg.scope_radius, cfg.scope_max_keys, eos,
+                                routed=cfg.routing == "keys") if cfg.scope == "keys" else None)
         # The policy of a plain forward, resolved once; `routing_by` replaces it for one generate / score call.
         self.default_policy: Policy = (SubjectRouting(subjects) if self.subjects is not None
+                                       else KeyRouting(self.scope) if cfg.routing == "keys"
                                        else LearnedRouting(per_token=cfg.routing == "token"))
         self._policy = self.default_policy
-        # memory.scope keys: the codebook deciding, at the first memory layer, which positions any layer reads
-        self.scope = (ScopeKeys(d, cfg.scope_novelty, cfg.scope_radius, cfg.scope_max_keys, eos)
-                      if cfg.scope == "keys" else None)
         self._ids: torch.Tensor | None = None  # this forward's input ids (memory.scope keys: eos closes the scope)
         self._mask: torch.Tensor | None = None  # this forward's attention mask (B, past + T)
         self._past = 0  # positions already in the KV cache before this forward

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -126,13 +127,17 @@ def _check_load_overrides(overrides: list[str], src: Path) -> None:
                               "model.dtype, model.attn_implementation")
 
 
-def load_weights(model: MemoryModel, src: Path, allow_base_mismatch: bool = False) -> None:
-    """Load the weights saved in `src` (full model or adapter) into an already built `model`."""
+def load_weights(model: MemoryModel, src: Path, allow_base_mismatch: bool = False,
+                 new_chapters: bool = False) -> None:
+    """Load the weights saved in `src` (full model or adapter) into an already built `model`. `new_chapters`: the
+    model's banks may have chapters beyond the saved ones (a later round of keys routing); they keep their init."""
     if (src / ADAPTER_WEIGHTS).is_file():
         _check_adapter_base(model, json.loads((src / ADAPTER_CONFIG).read_text()), src, allow_base_mismatch)
         with _readable(src / ADAPTER_WEIGHTS):
             weights = load_file(src / ADAPTER_WEIGHTS, device=str(model.device))
         missing = set(trained_state(model)) - set(weights)
+        if new_chapters:
+            missing = {k for k in missing if not re.fullmatch(r"memory\.banks\.\d+\.chapters\.\d+", k)}
         if missing:
             raise ConfigError("", f"{src / ADAPTER_WEIGHTS}: missing weights {sorted(missing)[:3]}")
         model.load_state_dict(weights, strict=False)

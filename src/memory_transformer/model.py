@@ -91,12 +91,15 @@ class MemoryModel(nn.Module):
         `inference` defaults (max_new_tokens, greedy or temperature/top_k/top_p sampling). `routing` picks how
         memory chapters are chosen: sequence | rolling | token | hybrid (default `inference.routing`, which
         defaults to the routing the memory was trained with, `memory.routing`; see memory/routing.py). A memory
-        with subject routing takes no strategy: every position reads its subject's chapter (memory/subjects.py)."""
+        with subject or keys routing takes no strategy: every position reads its subject's chapter
+        (memory/subjects.py), or its key's (memory/scope.py)."""
         kwargs = {**self._generation_defaults(kwargs), **kwargs}
         gen_cfg = kwargs.get("generation_config") or getattr(self.base, "generation_config", None)
-        if self.subjects is not None and (kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1) > 1:
-            raise ValueError("num_beams: subject routing keeps the ids of each row, which beam search reorders; "
-                             "use greedy decoding or sampling")
+        per_row = "subject routing" if self.subjects is not None else \
+            "memory.scope keys" if self.memory is not None and self.memory.scope is not None else None
+        if per_row and (kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1) > 1:
+            raise ValueError(f"num_beams: {per_row} keeps what each row has read so far, which beam search "
+                             "reorders; use greedy decoding or sampling")
         try:
             with self.generating(routing):
                 return self.base.generate(*args, **kwargs)
@@ -107,13 +110,15 @@ class MemoryModel(nn.Module):
     @contextlib.contextmanager
     def generating(self, strategy: str | None = None):
         """Within: the memory routes as one generation with `strategy` (memory/routing.py; default
-        `inference.routing`, else `memory.routing`). Subject routing takes none. Decisions are cleared after."""
+        `inference.routing`, else `memory.routing`). Subject and keys routing take none. Decisions are cleared
+        after."""
         if self.memory is None:
             yield self
             return
-        if self.memory.subjects is not None:  # every position reads its subject's chapter: no strategy
+        routing = self.config.memory.routing
+        if routing in ("subject", "keys"):  # every position reads its subject's / its key's chapter: no strategy
             if strategy is not None:
-                raise ValueError(f"routing: a memory with subject routing routes by subject; got {strategy!r}, "
+                raise ValueError(f"routing: a memory with {routing} routing routes by {routing}; got {strategy!r}, "
                                  "leave it unset")
             policy = self.memory.default_policy
         else:
@@ -207,7 +212,8 @@ class MemoryModel(nn.Module):
                 background_states = states(background, background["attention_mask"].bool())
         finally:
             handle.remove()
-        return self.memory.scope.fit(taught_states, background_states, seed)
+        # memory.routing keys: a run's keys open the bank's last chapter (a later round's new one, teach.py)
+        return self.memory.scope.fit(taught_states, background_states, seed, self.config.memory.num_chapters - 1)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from memory_transformer.io import save_model

@@ -13,7 +13,10 @@ result.json (the printed figures).
 Teaching in rounds: `--from EARLIER/run/final` starts from an adapter taught before, with its settings (its
 config.yaml) and its memory, and adds this round's facts; with `memory.scope: keys` the keys of every round are
 kept. A later round keeps the read fixed (`training.freeze: [memory_attention]`) and trains only the slots: the
-read the earlier rounds' slots were written for stays the same (docs/experiments.md measures it).
+read the earlier rounds' slots were written for stays the same. With `memory.routing: keys` (configs/teach.yaml)
+each round also adds a chapter of the same size that only its own keys open, and only that chapter trains: the
+earlier rounds' chapters stay bit for bit as they were written (a later document that matches an earlier round's
+key reads that round's chapter but does not change it). docs/experiments.md measures what this keeps.
 """
 
 from __future__ import annotations
@@ -80,21 +83,34 @@ def repeated(docs: list[str], tokenizer, tokens_needed: int, seed: int) -> list[
     return draw_passes(docs, passes * len(docs), random.Random(f"{seed}:teach"))
 
 
-ROUND = ["training.freeze=[memory_attention]"]  # what a later round (--from) changes in the earlier one's settings
+def later_round(earlier: Config) -> list[str]:
+    """What a later round (--from) changes in the earlier one's settings: the read stays as it was (frozen), and
+    with memory.routing keys the bank gains a chapter of the same size, which this round's keys open."""
+    out = ["training.freeze=[memory_attention]"]
+    m = earlier.memory
+    if m.enabled and m.routing == "keys":
+        size = m.num_tokens // m.num_chapters
+        out += [f"memory.num_chapters={m.num_chapters + 1}", f"memory.num_tokens={size * (m.num_chapters + 1)}"]
+    return out
 
 
 def teach_config(base: str, out: Path, config: str | None, overrides: list[str], start: Path | None = None) -> Config:
     """The teaching config: --config (default configs/teach.yaml), or with `start` (--from) the settings of the
-    adapter taught before, plus ROUND; then the base, the documents, the run folder and the --set overrides."""
+    adapter taught before, plus `later_round`; then the base, the documents, the run folder and the --set overrides."""
     if start is not None:
         if config is not None:
             raise ConfigError("--config", "--from continues with the settings of the adapter it names; change them "
                               "with --set instead")
+        sized = [o.split("=", 1)[0].strip() for o in overrides
+                 if o.split("=", 1)[0].strip() in ("memory.num_tokens", "memory.num_chapters")]
+        if sized:
+            raise ConfigError("--set", f"{sized[0]} comes from the adapter --from names (its chapters are kept, and "
+                              "keys routing adds one of the same size): leave it out")
         path = start / "config.yaml"
         if not path.is_file():
             raise ConfigError("--from", f"{start} is not a saved adapter (no config.yaml): pass the run/final "
                               "folder of an earlier teach")
-        overrides = [*ROUND, *overrides]
+        overrides = [*later_round(load_config(path)), *overrides]
     else:
         path = Path(config or DEFAULT_CONFIG)
         if config is None and not path.is_file():  # run from elsewhere than a checkout: the checkout's configs/
@@ -144,10 +160,16 @@ def train_from(cfg: Config, init: str | Path | None = None) -> dict:
     if init is not None:
         memory = trainer.unwrapped.memory
         scope = memory.scope if memory is not None else None
-        fitted = None if scope is None else (scope.keys, scope.thresholds)  # this round's keys (memory.scope keys)
-        load_weights(trainer.unwrapped, Path(init))  # in place: the optimizer keeps the same tensors
+        fitted = None if scope is None else scope.codebook()  # this round's keys (memory.scope keys)
+        keyed = cfg.memory.enabled and cfg.memory.routing == "keys"
+        # in place: the optimizer keeps the same tensors; with keys routing this round's chapter is new
+        load_weights(trainer.unwrapped, Path(init), new_chapters=keyed)
         if fitted is not None:
             scope.extend(*fitted)  # the earlier rounds' keys and this round's: every taught document stays in scope
+        if keyed:  # the earlier rounds' chapters stay as they were written: no gradient, so no optimizer step
+            for bank in memory.banks:
+                for chapter in bank.chapters[:-1]:
+                    chapter.requires_grad_(False)
     return trainer.train()
 
 

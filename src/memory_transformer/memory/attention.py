@@ -125,10 +125,11 @@ class MemoryAttention(nn.Module):
             self.scope = nn.Linear(a.hidden, 1)
             nn.init.normal_(self.scope.weight, std=a.init_std)
             nn.init.zeros_(self.scope.bias)
-        learned_router = a.num_chapters > 1 and a.routing != "subject"  # subject routing looks chapters up
-        self.router = Router(a.hidden, a.num_chapters, a.top_k, a.init_std) if learned_router else None
-        # The decision when the caller gives none (the layer used alone); subject routing needs the input ids.
-        self.policy = None if a.routing == "subject" else LearnedRouting(per_token=a.routing == "token")
+        looked_up = a.routing in ("subject", "keys")  # chapters looked up in the ids / the scope's keys: no router
+        self.router = Router(a.hidden, a.num_chapters, a.top_k, a.init_std) if a.num_chapters > 1 and not looked_up \
+            else None
+        # The decision when the caller gives none (the layer used alone); a lookup needs the model around it.
+        self.policy = None if looked_up else LearnedRouting(per_token=a.routing == "token")
         self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         self._stack_buffer: torch.Tensor | None = None  # project_kv's stacked cache hits (not state)
 
@@ -234,8 +235,8 @@ class MemoryAttention(nn.Module):
 
     def _own_decision(self) -> Decide:
         if self.policy is None:
-            raise ValueError("memory.routing subject: the chapters come from the input ids (MemoryStack); "
-                             "call the model, not the memory layer alone")
+            raise ValueError("memory.routing subject or keys: the chapters come from the input ids or the scope's "
+                             "keys (MemoryStack); call the model, not the memory layer alone")
         return self.policy.bind(0, self.router, 0)
 
     def _read_sequences(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:

@@ -20,6 +20,15 @@ What it guarantees and what not: text whose states stay farther from every key t
 base's own. Whether another wording of a taught name (an alias, a held-out question) matches depends on the
 base's representation of it (docs/experiments.md measures it), and a document that matches once stays in
 scope to its end.
+
+Routing by keys (`memory.routing: keys`): every key also names a chapter, the one it was fitted for (a run's keys
+open the bank's last chapter, and `teach --from` adds a chapter per round), and a position in scope reads the
+chapter of the best-matching key (the widest margin of cosine over the key's threshold) at the last matching position of its
+document, with no router. Rounds of teaching then write to separate chapters, as subject routing's subjects
+do: a later round's documents match its own keys and train only its own chapter, so what earlier rounds wrote
+is left as it was, as long as their questions match their own round's keys (docs/experiments.md measures how
+often they do). Keys do not tell people apart within a round (they sit on parts of names that many share), so
+one round is one chapter.
 """
 
 from __future__ import annotations
@@ -28,35 +37,45 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memory_transformer.memory.routing import Decide, Routing
+from memory_transformer.memory.routing import Decide, Router, Routing
 from memory_transformer.memory.subjects import NO_EVENT, NO_READ, last_event
 
 _CHUNK = 4096  # rows per similarity matmul while fitting
 
 
 class ScopeKeys(nn.Module):
-    """The codebook (`keys` (K, d), `thresholds` (K,)) and the scope of the current forward (`reads` (B, T))."""
+    """The codebook (`keys` (K, d), `thresholds` (K,), with `routed` the chapter of each key, `chapters` (K,)) and
+    the scope of the current forward: `read` (B, T), the chapter each position reads (0 unrouted), -1 where none."""
 
-    def __init__(self, dim: int, novelty: float, radius: float, max_keys: int, eos: int | None):
+    def __init__(self, dim: int, novelty: float, radius: float, max_keys: int, eos: int | None,
+                 routed: bool = False):
         super().__init__()
         self.novelty, self.radius, self.max_keys, self.eos = novelty, radius, max_keys, eos
         self.register_buffer("keys", torch.zeros(0, dim))
         self.register_buffer("thresholds", torch.zeros(0))
-        self.state: torch.Tensor | None = None  # (B, L): 0 where in scope, NO_READ where not, every position so far
-        self.reads: torch.Tensor | None = None  # (B, T) bool, the positions of the current forward
+        # memory.routing keys: the chapter each key opens (None unrouted: an adapter of scope keys alone has none)
+        self.register_buffer("chapters", torch.zeros(0, dtype=torch.long) if routed else None)
+        self.state: torch.Tensor | None = None  # (B, L): the chapter read, NO_READ where none, every position so far
+        self.read: torch.Tensor | None = None  # (B, T), the positions of the current forward
+
+    @property
+    def reads(self) -> torch.Tensor:
+        """(B, T) bool: the positions of the current forward in scope."""
+        return self.read >= 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("keys", "thresholds"):  # the codebook's size is whatever was fitted
+        for name in ("keys", "thresholds", "chapters"):  # the codebook's size is whatever was fitted
             saved = state_dict.get(prefix + name)
-            if saved is not None:
+            if saved is not None and getattr(self, name) is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device,
                                                      dtype=getattr(self, name).dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def fit(self, taught: torch.Tensor, background: torch.Tensor, seed: int = 0) -> dict[str, int]:
-        """taught (N, d), background (M, d) hidden states -> keys and thresholds (module doc). More than
-        `max_keys` candidates: a seeded random `max_keys` of them are kept. Returns counts for the log."""
+    def fit(self, taught: torch.Tensor, background: torch.Tensor, seed: int = 0, chapter: int = 0) -> dict[str, int]:
+        """taught (N, d), background (M, d) hidden states -> keys and thresholds (module doc), each key opening
+        `chapter` when routed. More than `max_keys` candidates: a seeded random `max_keys` of them are kept.
+        Returns counts for the log."""
         if not len(background):
             raise ValueError("memory.scope keys: no background states to fit against (data.replay_generated)")
         taught, background = F.normalize(taught.float(), dim=-1), F.normalize(background.float(), dim=-1)
@@ -68,25 +87,37 @@ class ScopeKeys(nn.Module):
         b = best[novel]
         self.keys = taught[novel].to(self.keys.device, self.keys.dtype)
         self.thresholds = (b + self.radius * (1 - b)).to(self.thresholds.device, self.thresholds.dtype)
+        if self.chapters is not None:
+            self.chapters = torch.full((len(novel),), chapter, dtype=torch.long, device=self.chapters.device)
         return {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
 
-    def extend(self, keys: torch.Tensor, thresholds: torch.Tensor) -> None:
+    def codebook(self) -> tuple[torch.Tensor, ...]:
+        """What `extend` takes: keys, thresholds and (routed) chapters."""
+        return (self.keys, self.thresholds) if self.chapters is None else (self.keys, self.thresholds, self.chapters)
+
+    def extend(self, keys: torch.Tensor, thresholds: torch.Tensor, chapters: torch.Tensor | None = None) -> None:
         """Add keys fitted elsewhere (another round of teaching) to these."""
         self.keys = torch.cat([self.keys, keys.to(self.keys.device, self.keys.dtype)])
         self.thresholds = torch.cat([self.thresholds, thresholds.to(self.thresholds.device, self.thresholds.dtype)])
+        if self.chapters is not None:
+            self.chapters = torch.cat([self.chapters, chapters.to(self.chapters.device)])
 
     def matches(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, T, d) -> (B, T) bool: the positions whose state is within some key's threshold."""
+        """h (B, T, d) -> (B, T): the chapter of the best-matching key (the widest margin of cosine over its
+        threshold; 0 unrouted), NO_EVENT where no key matches."""
         if not len(self.keys):
-            return torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+            return torch.full(h.shape[:2], NO_EVENT, dtype=torch.long, device=h.device)
         u = F.normalize(h.detach().float(), dim=-1)
-        keys = self.keys.to(u.device, u.dtype)
-        return (u @ keys.T > self.thresholds.to(u.device, u.dtype)).any(-1)
+        margin = u @ self.keys.to(u.device, u.dtype).T - self.thresholds.to(u.device, u.dtype)  # (B, T, K)
+        if self.chapters is None:
+            return torch.where((margin > 0).any(-1), 0, NO_EVENT)
+        best = margin.max(-1)
+        return torch.where(best.values > 0, self.chapters.to(u.device)[best.indices], NO_EVENT)
 
     def observe(self, h: torch.Tensor, ids: torch.Tensor | None, past: int) -> None:
         """The scope of this forward's positions (`reads`), from the states h (B, T, d) at the first memory layer,
         the input ids (end-of-sequence closes it; None: no ids) and `past` positions already in the KV cache."""
-        event = torch.where(self.matches(h), 0, NO_EVENT)
+        event = self.matches(h)
         if ids is not None and self.eos is not None:
             event = torch.where(ids[:, -h.shape[1]:] == self.eos, NO_READ, event)
         if past:
@@ -97,7 +128,7 @@ class ScopeKeys(nn.Module):
             self.state = torch.cat([self.state[:, :past], new], dim=1)  # a cropped cache drops the rest
         else:
             new = self.state = last_event(event)
-        self.reads = new >= 0
+        self.read = new
 
     def restrict(self, decide: Decide) -> Decide:
         """`decide`, with every position out of scope reading nothing (chapter -1: the read adds exactly 0)."""
@@ -114,5 +145,16 @@ class ScopeKeys(nn.Module):
                            else mask)
         return scoped
 
-    def reset(self) -> None:
-        self.state = self.reads = None
+
+class KeyRouting:
+    """memory.routing keys: every position reads the chapter its scope found (ScopeKeys.read, gate 1), or nothing
+    (-1); no router. Read when the layer calls it: the first memory layer observes the scope before its read."""
+
+    def __init__(self, scope: ScopeKeys):
+        self.scope = scope
+
+    def bind(self, layer: int, router: Router | None, offset: int) -> Decide:
+        def decide(x: torch.Tensor, mask: torch.Tensor | None) -> Routing:
+            ids = self.scope.read[:, -x.shape[1]:, None]  # (B, T, 1)
+            return Routing(ids, torch.ones(ids.shape, device=ids.device), mask=mask)
+        return decide
