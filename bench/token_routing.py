@@ -14,8 +14,8 @@ per-repeat ratios token ÷ sequence.
 W_k, W_v and every slot of a chapter. `--bank-optimizer`: fused AdamW over everything (`training.bank_optimizer:
 adamw`), and/or row-sparse bank gradients with the lazy AdamW for the bank (`lazy_adam`), and/or the bank frozen
 (`frozen`: no bank gradient or update, the floor any bank optimizer can reach); with adamw and lazy_adam, a last
-line gives the lazy token step ÷ the AdamW sequence step. `--profile` prints the torch.profiler table of one
-token-routed step at 131,072 slots (per bank optimizer) instead of timing.
+line gives the lazy token step ÷ the AdamW sequence step. `--profile` prints the torch.profiler table of three
+token-routed steps at 131,072 slots (per bank optimizer) instead of timing.
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ def profile(args) -> None:
     for bank_optimizer in args.bank_optimizer:
         setup = make(131072, 128, "token", bank_optimizer, args)
         h = torch.randn(args.batch, args.seq, args.hidden, requires_grad=True)
-        for _ in range(2):
+        for _ in range(4):  # the allocator and the optimizer's state settle
             step(setup, h, True)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(setup, h, True)
-        print(f"token routing, 131,072 slots / 128 chapters, bank optimizer {bank_optimizer}")
+            for _ in range(3):
+                step(setup, h, True)
+        print(f"token routing, 131,072 slots / 128 chapters, bank optimizer {bank_optimizer}, 3 steps")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
