@@ -77,11 +77,12 @@ def _row_sparse(idx: torch.Tensor, grad: torch.Tensor, U: int, chapter_shape) ->
     slot = idx // parts  # (R,) over the U*S slots, sorted
     slots, inverse = torch.unique_consecutive(slot, return_inverse=True)  # (n,)
     at = inverse * parts + idx % parts  # each table row's place among the read slots' rows
-    counts, rows = torch.bincount(slots // S, minlength=U).tolist(), torch.bincount(idx // (S * parts), minlength=U)
+    slots_of = torch.bincount(slots // S, minlength=U).tolist()  # per chapter: its slots read
+    rows_of = torch.bincount(idx // (S * parts), minlength=U).tolist()  # and its table rows gathered
     grads, start = [], 0
     # Per chapter, as the dense gradients: chapter-sized blocks come back from the heap, one tensor for all the
     # read slots of the bank (100 MB at 128 chapters) is page-faulted afresh at every step (63 ms).
-    for c, (s, a, g) in enumerate(zip(slots.split(counts), at.split(rows.tolist()), grad.split(rows.tolist()))):
+    for c, (s, a, g) in enumerate(zip(slots.split(slots_of), at.split(rows_of), grad.split(rows_of))):
         values = g.new_zeros(s.numel() * parts, hd).index_add_(0, a - start, g).view(s.numel(), chapter_shape[1])
         grads.append(torch.sparse_coo_tensor((s - c * S)[None], values, chapter_shape, is_coalesced=True,
                                              check_invariants=False))
