@@ -53,6 +53,7 @@ ERRORS = [
     ({"inference": {"top_k": 0}}, "inference.top_k: must be a positive integer, got 0"),
     ({"inference": {"temperature": 0.0}}, "inference.temperature: must be > 0 (use inference.greedy for argmax), got 0.0"),
     ({"inference": {"top_p": 1.5}}, "inference.top_p: must be in (0, 1], got 1.5"),
+    ({"training": {"bank_optimizer": "sgd"}}, "training.bank_optimizer: got 'sgd'; allowed: adamw | lazy_adam"),
     ({"inference": {"window": 8}}, "inference.window: unknown key (did you mean 'inference.rolling_window'?); allowed: "),
 ]
 

@@ -194,6 +194,11 @@ class TrainingConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = 1.0
+    # memory_bank group: adamw = fused AdamW like every group. lazy_adam = row-sparse chapter gradients (token
+    # routing with slot top-k: the slots read) and a lazy AdamW: AdamW's update on the values read (a head's key or
+    # value of a slot) only; the others keep their moments undecayed and get no weight decay. Cheaper steps when a
+    # batch reads many chapters; not AdamW's math. One process only (docs/design.md)
+    bank_optimizer: Literal["adamw", "lazy_adam"] = "adamw"
     seed: int = 0
     logging_steps: int = 10
     eval_steps: int | None = None

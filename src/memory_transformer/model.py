@@ -307,6 +307,9 @@ def build_model(config: Config | dict | str, device: str | torch.device | None =
     if cfg.lora.enabled:
         add_lora(model, cfg)
     _freeze(model, cfg.training.freeze, for_training)
+    if for_training and model.memory is not None and cfg.training.bank_optimizer == "lazy_adam":
+        for bank in model.memory.banks:  # a lazy AdamW steps the rows read: gradients row-sparse
+            bank.use_sparse_grad()
     if model.memory is not None and cfg.memory.quantization != "none":
         for bank in model.memory.banks:  # buffers of the right shapes; a checkpoint load fills them
             bank.quantize_(BITS[cfg.memory.quantization], cfg.memory.quant_group_size)

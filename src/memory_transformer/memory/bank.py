@@ -38,24 +38,27 @@ Rows = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 class _GatherRows(torch.autograd.Function):
     """table (R, h) (a no-grad copy of the chapters `params`, row-major) at idx (any shape) -> (*idx.shape, h).
-    Backward: one zero gradient per chapter, the gathered rows' gradients added in with `index_add_`
-    (deterministic, like `dispatch.take`; the rows sorted stably by chapter first)."""
+    Backward: one gradient per chapter, the gathered rows' gradients added in with `index_add_` (deterministic,
+    like `dispatch.take`; the rows sorted stably by chapter first): a dense chapter-sized one, or with `sparse`
+    a row-sparse one (COO over the chapter's slots) holding only the slots read."""
 
     @staticmethod
-    def forward(ctx, table, idx, *params):
+    def forward(ctx, table, idx, sparse, *params):
         ctx.save_for_backward(idx)
-        ctx.table_shape, ctx.chapter_shape = table.shape, params[0].shape
+        ctx.table_shape, ctx.chapter_shape, ctx.sparse = table.shape, params[0].shape, sparse
         return table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
-        if not any(ctx.needs_input_grad[2:]):
+        if not any(ctx.needs_input_grad[3:]):
             return (None,) * len(ctx.needs_input_grad)
         (idx,) = ctx.saved_tensors
-        U, hd = len(ctx.needs_input_grad) - 2, grad.shape[-1]
+        U, hd = len(ctx.needs_input_grad) - 3, grad.shape[-1]
         rows_per_chapter = ctx.table_shape[0] // U
         idx, order = idx.reshape(-1).sort(stable=True)  # rows grouped by chapter
         grad = grad.reshape(-1, hd).index_select(0, order)
+        if ctx.sparse:
+            return (None, None, None, *_row_sparse(idx, grad, U, ctx.chapter_shape))
         counts = torch.bincount(idx // rows_per_chapter, minlength=U).tolist()
         # One tensor per chapter, not views of one bank-sized buffer: freed and reallocated every step, chapter-
         # sized blocks come back from the heap while a bank-sized one is page-faulted afresh (18 ms vs 115 ms).
@@ -63,7 +66,28 @@ class _GatherRows(torch.autograd.Function):
         for c, (i, g) in enumerate(zip(idx.split(counts), grad.split(counts))):
             zero = g.new_zeros(rows_per_chapter, hd)
             grads.append(zero.index_add_(0, i - c * rows_per_chapter, g).view(ctx.chapter_shape))
-        return (None, None, *grads)
+        return (None, None, None, *grads)
+
+
+def _row_sparse(idx: torch.Tensor, grad: torch.Tensor, U: int, chapter_shape) -> list[torch.Tensor]:
+    """Gradients (R, h) of the table rows idx (R,), sorted -> one coalesced sparse COO gradient per chapter of
+    shape `chapter_shape` (S, row), over the slots of which any head read the key or the value."""
+    S, hd = chapter_shape[0], grad.shape[1]
+    parts = chapter_shape[1] // hd  # table rows per slot: (key|value, head)
+    slot = idx // parts  # (R,) over the U*S slots, sorted
+    slots, inverse = torch.unique_consecutive(slot, return_inverse=True)  # (n,)
+    at = inverse * parts + idx % parts  # each table row's place among the read slots' rows
+    slots_of = torch.bincount(slots // S, minlength=U).tolist()  # per chapter: its slots read
+    rows_of = torch.bincount(idx // (S * parts), minlength=U).tolist()  # and its table rows gathered
+    grads, start = [], 0
+    # Per chapter, as the dense gradients: chapter-sized blocks come back from the heap, one tensor for all the
+    # read slots of the bank (100 MB at 128 chapters) is page-faulted afresh at every step (63 ms).
+    for c, (s, a, g) in enumerate(zip(slots.split(slots_of), at.split(rows_of), grad.split(rows_of))):
+        values = g.new_zeros(s.numel() * parts, hd).index_add_(0, a - start, g).view(s.numel(), chapter_shape[1])
+        grads.append(torch.sparse_coo_tensor((s - c * S)[None], values, chapter_shape, is_coalesced=True,
+                                             check_invariants=False))
+        start += s.numel() * parts
+    return grads
 
 
 class MappedChapters:
@@ -103,6 +127,7 @@ class MemoryBank(nn.Module):
         self.kind, self.num_chapters, self.learned_kv = kind, num_chapters, learned_kv
         self.bits, self.group_size = 0, 0  # 0 = float Parameters; 8 or 4 after `quantize_`
         self._scratch: torch.Tensor | None = None  # `scratch_read`'s buffer (not state)
+        self.sparse_grad = False  # `kv_rows` gives row-sparse chapter gradients: see `use_sparse_grad`
         self.fetch = None  # chapters held by other processes: see `fetch_from`
         self.chapter_size = num_tokens // num_chapters
         S, parts = self.chapter_size, 2 if learned_kv else 1
@@ -181,10 +206,16 @@ class MemoryBank(nn.Module):
             head = torch.arange(heads, device=slot.device)[None, :, None]  # (1, H, 1)
             key = ((pair_chapter[:, None, None] * S + slot) * 2) * heads + head  # (P, H, m)
             idx = torch.stack([key, key + heads], dim=-1)  # (P, H, m, 2): the key row, the value row
-            kv = _GatherRows.apply(table, idx, *params)  # (P, H, m, 2, h)
+            kv = _GatherRows.apply(table, idx, self.sparse_grad, *params)  # (P, H, m, 2, h)
             return kv[..., 0, :], kv[..., 1, :]
 
         return rows
+
+    def use_sparse_grad(self, sparse: bool = True) -> None:
+        """Row-sparse chapter gradients from `kv_rows` (`training.bank_optimizer: lazy_adam`, like
+        `nn.Embedding(sparse=True)`): only the slots read get a gradient row. The other reads (`read`: the dense
+        read, projected K/V, sequence routing) still give dense chapter gradients."""
+        self.sparse_grad = sparse
 
     def fetch_from(self, fetch) -> None:
         """Read chapters through `fetch(chapter_ids) -> (U, S, r or row)` (train/chapters.py: chapters sharded over

@@ -18,6 +18,7 @@ from memory_transformer.io import SHARDED_WEIGHTS, load_weights, save_model, sav
 from memory_transformer.train import chapters
 from memory_transformer.train import checkpoint as ckpt
 from memory_transformer.train import distributed as dist
+from memory_transformer.train.optim import clip_grad_norm
 
 
 class Placement:
@@ -35,6 +36,10 @@ class Placement:
         if self.split_chapters and cfg.memory.routing == "subject":  # a read is a collective: every process must
             raise ConfigError("memory.shard_chapters", "not with memory.routing=subject (a batch without a subject "
                               "reads nothing, while the other processes wait for it to fetch chapters)")
+        self.sparse_bank_grads = t.bank_optimizer == "lazy_adam"  # row-sparse: clipped here, not by torch
+        if self.sparse_bank_grads and (several or t.distributed == "fsdp"):
+            raise ConfigError("training.bank_optimizer", "lazy_adam runs on one process with training.distributed "
+                              "ddp only (row-sparse bank gradients are not synced across processes); use adamw")
         self.bank_params: list = []  # fsdp: the replicated banks, synced by hand
         self.chapter_shards: list[chapters.ChapterShards] = []
 
@@ -68,6 +73,9 @@ class Placement:
         """Clip the gradients to `max_norm` in global L2 norm; the norm before clipping."""
         if self.fsdp or self.chapter_shards:  # gradients held by one process beside replicated ones
             return dist.clip_grad_norm(params, max_norm, local=[p for s in self.chapter_shards for p in s.params()])
+        if self.sparse_bank_grads:
+            self.acc.unscale_gradients()  # fp16: what accelerate's clip does first
+            return clip_grad_norm(params, max_norm)
         norm = self.acc.clip_grad_norm_(params, max_norm)
         return float(norm) if norm is not None else 0.0
 
@@ -123,7 +131,12 @@ class Placement:
         with self.whole():
             load_weights(unwrapped, d)
         device = "cpu" if self.acc.device.type == "cpu" else str(self.acc.device)  # safetensors refuses "cpu:0"
-        optimizer.load_state_dict(ckpt.load_state_dict_tree(self._optimizer_file(d), device=device))
+        state = ckpt.load_state_dict_tree(self._optimizer_file(d), device=device)
+        saved = {g["name"]: g.get("lazy", False) for g in state["param_groups"]}
+        if saved != {g["name"]: g["lazy"] for g in optimizer.param_groups}:
+            raise ConfigError("training.bank_optimizer", f"{d} was saved with another bank optimizer (lazy groups "
+                              f"{[n for n, lazy in saved.items() if lazy]}): resume with the one it was saved with")
+        optimizer.load_state_dict(state)
 
     def _optimizer_file(self, d: Path) -> Path:
         """memory.shard_chapters: each process's optimizer has its own chapters (same number of processes only)."""
