@@ -72,9 +72,10 @@ def test_scope_with_a_kv_cache_equals_the_whole_sequence():
         _scope_with_one_key().observe(_states("."), ids[:, :1], past=4)
 
 
-def _model_with_a_key_at(position: int, seed: int = 0):
-    """A tiny model with memory in its last layer whose one key is the state of `position` of the returned ids."""
-    model = build_model(tiny_config("llama", memory={**KEYS, "wo_init": "normal"}), seed=seed).eval()
+def _model_and_states(memory: dict, seed: int = 0):
+    """A tiny model with `memory`, random ids (2, 12), and the base's unit states of row 0 at the first memory
+    layer (what the keys are fitted on)."""
+    model = build_model(tiny_config("llama", memory={**memory, "wo_init": "normal"}), seed=seed)
     ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
     norm = model.base.model.layers[model.memory.layer_ids[0]].post_attention_layernorm
     found = []
@@ -82,10 +83,15 @@ def _model_with_a_key_at(position: int, seed: int = 0):
     with torch.no_grad(), model.adapters_disabled():
         model(ids)
     handle.remove()
+    return model, ids, torch.nn.functional.normalize(found[0][0], dim=-1)
+
+
+def _model_with_a_key_at(position: int, seed: int = 0):
+    """A tiny model with memory in its last layer whose one key is the state of `position` of the returned ids."""
+    model, ids, states = _model_and_states(KEYS, seed)
     scope = model.memory.scope
-    scope.keys = torch.nn.functional.normalize(found[0][0, position][None], dim=-1)
-    scope.thresholds = torch.tensor([0.9999])
-    return model, ids
+    scope.keys, scope.thresholds = states[position][None], torch.tensor([0.9999])
+    return model.eval(), ids
 
 
 def test_positions_out_of_scope_equal_the_base_bit_for_bit():
@@ -245,16 +251,8 @@ def test_each_position_reads_its_last_matched_chapter_until_eos_with_or_without_
 def _keyed_model():
     """A tiny model with keys routing over 2 chapters: key 0 (chapter 0) is the state of row 0's position 3, key 1
     (chapter 1) that of row 0's position 8; row 1 holds other tokens."""
-    model = build_model(tiny_config("llama", memory={**ROUTED, "wo_init": "normal"}), seed=0)
-    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    norm = model.base.model.layers[model.memory.layer_ids[0]].post_attention_layernorm
-    found = []
-    handle = norm.register_forward_pre_hook(lambda m, args: found.append(args[0]))
-    with torch.no_grad(), model.adapters_disabled():
-        model(ids)
-    handle.remove()
-    keys = torch.nn.functional.normalize(found[0][0, [3, 8]], dim=-1)
-    model.memory.scope.extend(keys, torch.tensor([0.9999, 0.9999]), torch.tensor([0, 1]))
+    model, ids, states = _model_and_states(ROUTED)
+    model.memory.scope.extend(states[[3, 8]], torch.tensor([0.9999, 0.9999]), torch.tensor([0, 1]))
     return model, ids
 
 
@@ -292,7 +290,8 @@ def test_keys_routing_generates_alike_with_and_without_kv_cache_and_takes_no_str
 @pytest.mark.parametrize("memory,sections,match", [
     ({**ROUTED, "scope": "none"}, {}, r"memory.routing: keys routes by the keys of memory.scope keys: set "
                                       r"memory.scope keys, got none"),
-    ({**ROUTED, "top_k": 2}, {}, r"memory.top_k: keys routing reads the chapter of the key it matched: must be 1"),
+    ({**ROUTED, "top_k": 2}, {},
+     r"memory.top_k: keys routing reads the one chapter of the key a token matched: must be 1, got 2"),
     (ROUTED, {"inference": {"routing": "sequence"}}, r"inference.routing: must be null with memory.routing keys"),
 ])
 def test_keys_routing_config_errors_name_the_key(memory, sections, match):

@@ -23,12 +23,12 @@ scope to its end.
 
 Routing by keys (`memory.routing: keys`): every key also names a chapter, the one it was fitted for (a run's keys
 open the bank's last chapter, and `teach --from` adds a chapter per round), and a position in scope reads the
-chapter of the best-matching key (the widest margin of cosine over the key's threshold) at the last matching position of its
-document, with no router. Rounds of teaching then write to separate chapters, as subject routing's subjects
-do: a later round's documents match its own keys and train only its own chapter, so what earlier rounds wrote
-is left as it was, as long as their questions match their own round's keys (docs/experiments.md measures how
-often they do). Keys do not tell people apart within a round (they sit on parts of names that many share), so
-one round is one chapter.
+chapter of the best-matching key (the widest margin of cosine over the key's threshold) at the last matching
+position of its document, with no router. Rounds of teaching then write to separate chapters, as subject
+routing's subjects do: a later round's documents match its own keys and train only its own chapter (the earlier
+ones are frozen, teach.py), so what earlier rounds wrote stays as it was; their questions read it as long as they
+match their own round's keys better than a later round's (docs/experiments.md measures how often). Keys do not
+tell people apart within a round (they sit on parts of names that many share), so one round is one chapter.
 """
 
 from __future__ import annotations
