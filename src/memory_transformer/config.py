@@ -567,13 +567,15 @@ def uses_subjects(cfg: Config) -> bool:
 def _check_lookup_routing(cfg: Config) -> None:
     """Subject and keys routing: one chapter per token, looked up (no router), whatever the generation strategy."""
     mem = cfg.memory
-    one = {"subject": "the one chapter of a token's subject", "keys": "the one chapter of the key a token matched"}
-    what = {"subject": "its subject's chapter", "keys": "the chapter of the key it matched"}[mem.routing]
+    one, what = {
+        "subject": ("the one chapter of a token's subject", "its subject's chapter"),
+        "keys": ("the one chapter of the key a token matched", "the chapter of the key it matched"),
+    }[mem.routing]
     if mem.routing == "keys" and mem.scope != "keys":
         raise ConfigError("memory.routing", f"keys routes by the keys of memory.scope keys: set memory.scope keys, "
                           f"got {mem.scope}")
     if mem.top_k != 1:
-        raise ConfigError("memory.top_k", f"{mem.routing} routing reads {one[mem.routing]}: must be 1, got {mem.top_k}")
+        raise ConfigError("memory.top_k", f"{mem.routing} routing reads {one}: must be 1, got {mem.top_k}")
     if cfg.inference.routing is not None:
         raise ConfigError("inference.routing", f"must be null with memory.routing {mem.routing} (every position "
                           f"reads {what}), got {cfg.inference.routing}")

@@ -219,7 +219,8 @@ class MemoryStack(nn.Module):
         if self.scope is not None:
             if i == self.layer_ids[0]:
                 self.scope.observe(h, self._ids, self._past)
-            decide = self.scope.restrict(decide)
+            if self.cfg.routing != "keys":  # keys routing's decision is the scope's own: -1 out of scope already
+                decide = self.scope.restrict(decide)
         mask = self._mask_for(h)
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
             out, routing = checkpoint(attn, h, bank, decide, mask, use_reentrant=False)

@@ -101,8 +101,8 @@ def teach_config(base: str, out: Path, config: str | None, overrides: list[str],
         if config is not None:
             raise ConfigError("--config", "--from continues with the settings of the adapter it names; change them "
                               "with --set instead")
-        sized = [o.split("=", 1)[0].strip() for o in overrides
-                 if o.split("=", 1)[0].strip() in ("memory.num_tokens", "memory.num_chapters")]
+        keys = [o.split("=", 1)[0].strip() for o in overrides]
+        sized = [k for k in keys if k in ("memory.num_tokens", "memory.num_chapters")]
         if sized:
             raise ConfigError("--set", f"{sized[0]} comes from the adapter --from names (its chapters are kept, and "
                               "keys routing adds one of the same size): leave it out")
