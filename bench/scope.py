@@ -28,6 +28,8 @@ ROWS = [  # (key, label, format); {n1}/{n2} are the two sizes, {r} the rounds
     ("kept", "old facts kept (share of the base's)", "{:.1%}"),
     *[(f"alias_{f}", f"alias recall: {f}", "{:.1%}") for f in ALIAS_FORMS],
     ("recall_new_heldout", "held-out question phrasing", "{:.1%}"),
+    ("scope_new", "new questions in scope (scope keys: the ceiling of their recall)", "{:.1%}"),
+    ("scope_heldout", "held-out questions in scope", "{:.1%}"),
     ("kl_old_bios", "KL(base || model) per token, old bios (nats)", "{:.4f}"),
     ("kl_prose", "KL(base || model) per token, stdlib prose (nats)", "{:.4f}"),
     ("rounds_first", "{r} rounds: recall of round 1's people after the last", "{:.1%}"),
@@ -91,7 +93,8 @@ def _configs(args, seed: int, n: int) -> tuple[Config, Config]:
 
 def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
     from memory_transformer.io import load_model
-    from memory_transformer.knowledge import alias_recall, biographies, kept_share, kl_to_base, stdlib_prose
+    from memory_transformer.knowledge import (alias_recall, biographies, kept_share, kl_to_base, scope_coverage,
+                                              stdlib_prose)
 
     d = teach.data
     corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
@@ -107,6 +110,8 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
         out[name] = {"recall_new": r["recall_new"], "recall_new_heldout": r["recall_new_heldout"],
                      "kept": kept_share(r["recall_old"], results["base"]["recall_old"]),
                      **{f"alias_{f}": v for f, v in aliases.items()},
+                     "scope_new": scope_coverage(model, model.tokenizer, new.recall_items("qa")),
+                     "scope_heldout": scope_coverage(model, model.tokenizer, new.recall_items("qa", True)),
                      "kl_old_bios": kl_to_base(model, model.tokenizer, bios, T),
                      "kl_prose": kl_to_base(model, model.tokenizer, prose, T),
                      "time_vs_lora": results["lora"]["tokens_per_s"] / r["tokens_per_s"]}

@@ -26,7 +26,7 @@ def test_table_has_every_goal_row_and_dashes_where_a_measure_does_not_exist():
     row = {k: 0.5 for k in keys} | {"alias_no_middle": None}
     text = scope.table([{"memory": row, "lora": row}, {"memory": row, "lora": row}], args)
     lines = text.splitlines()
-    assert len(lines) == 3 + len(keys) == 3 + 12
+    assert len(lines) == 3 + len(keys) == 3 + 14
     assert "| new-fact QA recall, 100 new people | 50.0% ± 0.0% | 50.0% ± 0.0% |" in lines
     assert "| alias recall: no_middle | - | - |" in lines and "5 rounds: recall" in text
     short = Namespace(sizes=[20], rounds=1, corpus="confirm", old=20)

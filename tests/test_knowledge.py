@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from memory_transformer import build_model
 from memory_transformer.data.synthetic_facts import (
-    ALIAS_FORMS, CORPORA, FIRST_NAMES, LAST_NAMES, QUESTIONS, Person, SyntheticFacts,
+    ALIAS_FORMS, CORPORA, FIRST_NAMES, LAST_NAMES, QUESTIONS, Person, RecallItem, SyntheticFacts,
 )
 from memory_transformer.knowledge import (
-    alias_recall, biographies, kept_share, kl_to_base, round_ranges, stdlib_prose,
+    alias_recall, biographies, kept_share, kl_to_base, round_ranges, scope_coverage, stdlib_prose,
 )
 
 
@@ -134,3 +134,22 @@ def test_round_ranges_and_kept_share():
     with pytest.raises(ValueError, match="rounds"):
         round_ranges(0, 3, 4)
     assert kept_share(0.45, 0.9) == pytest.approx(0.5) and kept_share(0.1, 0.0) != kept_share(0.1, 0.0)  # nan
+
+
+def test_scope_coverage_is_the_share_of_prompts_whose_last_position_is_in_scope():
+    memory = {"scope": "keys", "num_chapters": 1, "top_k": 1, "layers": "last:1"}
+    model = build_model(tiny_config(memory=memory)).eval()
+    tok = model.tokenizer
+    norm = model.base.model.layers[model.memory.layer_ids[0]].post_attention_layernorm
+    found = []
+    handle = norm.register_forward_pre_hook(lambda m, args: found.append(args[0]))
+    with torch.no_grad(), model.adapters_disabled():
+        model(torch.tensor([tok.encode("Ada Moss was", add_special_tokens=False)]))
+    handle.remove()
+    scope = model.memory.scope
+    scope.keys, scope.thresholds = F.normalize(found[0][0, 4:5], dim=-1), torch.tensor([0.9999])  # the state at "M"
+    items = [RecallItem(p, " x", "Ada", "city", 1.0) for p in ("Ada Moss was", "Bob", "Ada Moss", "Cy")]
+    # "Ada Moss was" opens at its 5th token ("M") and stays open, so does "Ada Moss" (left-padded in its batch);
+    # the others never open
+    assert scope_coverage(model, tok, items, batch_size=3) == 0.5
+    assert scope_coverage(build_model(tiny_config(memory={"enabled": False})), tok, items) is None

@@ -6,7 +6,9 @@
 - locality: KL(base || model) per token on text that names no taught subject (`kl_to_base` on old
   biographies, `biographies`, and on real prose, `stdlib_prose`), and the share of the base's old-fact recall
   that survives (`kept_share`);
-- teaching in rounds: `round_ranges` splits the taught people into rounds, each trained on its own documents.
+- teaching in rounds: `round_ranges` splits the taught people into rounds, each trained on its own documents;
+- scope (`memory.scope: keys`): the share of questions whose answer position the memory reads at all
+  (`scope_coverage`), the ceiling of their recall.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from memory_transformer.data.prose import stdlib_prose  # noqa: F401  (re-exported: a locality probe)
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
 from memory_transformer.model import eval_mode
+from memory_transformer.data.tokenizer import left_pad
 from memory_transformer.recall import recall
 
 
@@ -30,6 +33,25 @@ def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | N
         items = facts.alias_items(form)
         out[form] = recall(model, tokenizer, items)["recall"] if items else None
     return out
+
+
+@torch.no_grad()
+def scope_coverage(model, tokenizer, items: list, batch_size: int = 32) -> float | None:
+    """memory.scope keys: the share of `items` whose prompt's last position is in scope (where the first answer
+    token is generated: the memory reads there, or adds exactly 0); None without scope keys. Prompts are batched
+    left-padded and prefilled by `generate`, as `recall.recall` scores them."""
+    scope = getattr(getattr(model, "memory", None), "scope", None)
+    if scope is None or not items:
+        return None
+    inside = 0
+    with eval_mode(model):
+        for start in range(0, len(items), batch_size):
+            prompts = [tokenizer.encode(it.prompt, add_special_tokens=False) for it in items[start:start + batch_size]]
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)  # one forward: the prompt's
+            inside += int(scope.reads[:, -1].sum())
+    return inside / len(items)
 
 
 def biographies(facts: SyntheticFacts, seed: int = 0) -> list[str]:
