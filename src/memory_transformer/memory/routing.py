@@ -109,7 +109,7 @@ def route_sequence(router: Router | None, x: torch.Tensor, mask: torch.Tensor | 
     pooled = masked_mean(x, mask)  # (B, d)
     logits = router(pooled)  # (B, C)
     gates, ids = top_k(logits, router.top_k)
-    return Routing(ids, gates, logits, pooled.detach())
+    return Routing(ids, gates, logits, pooled.detach() if pooled.requires_grad else pooled)  # (detach: 1 µs a token)
 
 
 def route_tokens(router: Router | None, x: torch.Tensor, mask: torch.Tensor | None) -> Routing:
