@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from memory_transformer import build_model
 from memory_transformer.memory import attention as attention_module, dispatch
-from memory_transformer.memory.attention import AttentionArgs, MemoryAttention, kept_scores, rms_norm, rows_of
+from memory_transformer.memory.attention import (AttentionArgs, MemoryAttention, kept_scores, project, projection,
+                                                 rms_norm, rows_of)
 from memory_transformer.memory.routing import Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.routing import STRATEGIES, top_k, window_means
@@ -448,6 +449,17 @@ def test_rms_norm_is_torchs_rms_norm_bit_for_bit(dtype, weight_dtype):
         ours = torch.autograd.grad(rms_norm(x, norm), (x, norm.weight), g)
         theirs = torch.autograd.grad(norm(x), (x, norm.weight), g)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_decoding_shortcuts_give_what_the_module_calls_give(rank):
+    """`project` (a Linear without its module call) and `chapter_params` (a chapter without ParameterList's
+    indexing): the same tensors as the calls they replace."""
+    torch.manual_seed(0)
+    m, x = projection(32, 16, rank), torch.randn(3, 5, 32)
+    assert torch.equal(project(m, x), m(x))
+    bank = MemoryBank(4 * 8, 4, 32)
+    assert all(bank.chapter_params(c)[0] is bank.chapters[c] for c in range(4))
 
 
 def test_one_choice_gives_the_chapters_of_unique():
