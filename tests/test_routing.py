@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from memory_transformer import build_model
 from memory_transformer.memory import attention as attention_module, dispatch
-from memory_transformer.memory.attention import AttentionArgs, MemoryAttention, kept_scores, rows_of
+from memory_transformer.memory.attention import (AttentionArgs, MemoryAttention, kept_scores, project, projection,
+                                                 rms_norm, rows_of)
 from memory_transformer.memory.routing import Routing
 from memory_transformer.memory.bank import MemoryBank
 from memory_transformer.memory.routing import STRATEGIES, top_k, window_means
@@ -430,11 +431,45 @@ def test_decoding_read_of_one_chapter_equals_the_general_dense_read(B, T):
     assert torch.equal(fast, general.detach()) and torch.equal(again, fast)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # torch's own, for its unfused path
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_rms_norm_is_torchs_rms_norm_bit_for_bit(dtype, weight_dtype):
+    """The layer's norm in 6 ops: `nn.RMSNorm`'s output, dtype and gradients exactly, also under autocast."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(32, eps=1e-6).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 32).to(dtype)
+    ours, theirs = rms_norm(x, norm), norm(x)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    g = torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = torch.autograd.grad(rms_norm(x, norm), (x, norm.weight), g)
+        theirs = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_decoding_shortcuts_give_what_the_module_calls_give(rank):
+    """`project` (a Linear without its module call) and `chapter_params` (a chapter without ParameterList's
+    indexing): the same tensors as the calls they replace."""
+    torch.manual_seed(0)
+    m, x = projection(32, 16, rank), torch.randn(3, 5, 32)
+    assert torch.equal(project(m, x), m(x))
+    bank = MemoryBank(4 * 8, 4, 32)
+    assert all(bank.chapter_params(c)[0] is bank.chapters[c] for c in range(4))
+
+
 def test_one_choice_gives_the_chapters_of_unique():
-    """A decision of one chapter (decoding at batch 1, top-1) skips `unique`: the same list and inverse."""
-    for ids in (torch.tensor([[5]]), torch.tensor([[[0]]])):
-        chapters, inverse = Routing(ids, torch.ones(ids.shape)).chapters()
+    """A decision of one chapter (decoding at batch 1, top-1) skips `unique`, and makes its inverse only when asked
+    (after `chapter_list`, as the decoding read asks): the same list and inverse."""
+    for ids in (torch.tensor([[5]]), torch.tensor([[[0]]]), torch.tensor([[3, 1], [1, 7]])):
+        routing = Routing(ids, torch.ones(ids.shape))
         ref, ref_inverse = torch.unique(ids, return_inverse=True)
+        assert routing.chapter_list() == ref.tolist()
+        chapters, inverse = routing.chapters()
         assert chapters == ref.tolist()
         assert torch.equal(inverse, ref_inverse) and inverse.dtype == ref_inverse.dtype
 

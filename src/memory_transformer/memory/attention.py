@@ -35,6 +35,12 @@ def projection(d_in: int, d_out: int, rank: int | None) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
 
 
+def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`m(x)` for a bias-free `projection` or W_o; a Linear as `F.linear`, without the module call and its attribute
+    lookups (3 µs a projection in a decoding step of 150)."""
+    return F.linear(x, m.weight) if type(m) is nn.Linear else m(x)
+
+
 def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's best m slots per chapter, q (B, T, H, h), K (B, k, H, S, h): their scaled scores
     (B, H, T, k, m), with autograd, and their rows (B, H, T*k*m, 1) in the (B, H, k*S, h) layout of `rows_of`.
@@ -49,6 +55,13 @@ def kept_scores(q: torch.Tensor, K: torch.Tensor, m: int) -> tuple[torch.Tensor,
         return top.values.float() * hd ** -0.5, rows
     keys = rows_of(K, rows).view(B, H, T, k, m, hd)
     return (q.permute(0, 2, 1, 3)[:, :, :, None, None, :] * keys).sum(-1).float() * hd ** -0.5, rows
+
+
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """`norm(x)`, the same numbers and gradients in every dtype (tests/test_routing.py): torch's CPU `rms_norm` is a
+    composite of ~20 aten ops (dtype round trips inside `mean`), 8 µs of a 180 µs decoding step; this is 6."""
+    xf = x.float()  # as torch's: statistics in float32, the output in x's dtype
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight).type_as(x)
 
 
 def rows_of(X: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -176,9 +189,10 @@ class MemoryAttention(nn.Module):
         # In-place updates (optimizer steps, load_state_dict) bump `_version`; `.to()` makes new storage.
         # Looked up at every call (a Parameter may be replaced); `.parameters()` of a Linear walks the module
         # tree, a third of a decoding step's cache check.
-        projections = [] if self.k is None else [*_weights(self.k), *_weights(self.v)]
-        params = [*bank.chapter_params(chapter), *projections]
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        params = bank.chapter_params(chapter)
+        if self.k is not None:
+            params = [*params, *_weights(self.k), *_weights(self.v)]
+        return tuple([(p._version, p.data_ptr(), p.dtype, p.device) for p in params])
 
     def clear_cache(self) -> None:
         self._kv_cache.clear()
@@ -199,17 +213,17 @@ class MemoryAttention(nn.Module):
         `decide` (x, mask) -> Routing: a policy bound to this call (routing.py); None: the layer's own."""
         B, T, _ = h.shape
         H, w = self.num_heads, self.width
-        x = self.norm(h)
+        x = rms_norm(h, self.norm)
         routing = (decide or self._own_decision())(x, mask)
-        q = self.q(x).view(B, T, H, w // H)  # (B, T, H, h)
+        q = project(self.q, x).view(B, T, H, w // H)  # (B, T, H, h)
         if routing.ids.dim() == 3 and bool((routing.ids < 0).any()):  # some tokens read nothing (subject routing)
             out = self._read_some(q, bank, routing)
         elif routing.ids.dim() == 2 or T == 1:  # per-token routing of one token per row is per-sequence routing
             out = self._read_sequences(q, bank, routing)
         else:
             out = self._read_tokens(q, bank, routing)
-        out = self.o(out)  # (B, T, d)
-        if self.router is not None and torch.is_grad_enabled():
+        out = project(self.o, out)  # (B, T, d)
+        if torch.is_grad_enabled() and self.router is not None:
             # Value 1 exactly, gradient d/dg = 1/g: the LM loss tells the router which chapters helped,
             # without shrinking the output by 1/C as a plain Switch gate would at init. Outside autograd it is
             # exactly x * 1.0, so it is skipped there (generation).
@@ -242,11 +256,12 @@ class MemoryAttention(nn.Module):
     def _read_sequences(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token of row b attends to the concatenation of row b's k chapters. q (B, T, H, h) -> (B, T, w)."""
         B, T, H, hd = q.shape
-        chapters, inverse = routing.chapters()
+        chapters = routing.chapter_list()
         if len(chapters) == 1 and routing.ids.shape[-1] == 1 and self.null_key is None \
                 and not torch.is_grad_enabled():  # generation: few ops per token
             _, K, V = self._cached_kv(bank, chapters[0])  # (H, S, h), as `project_kv` would return them
             return self._read_one_chapter(q, K, V)
+        chapters, inverse = routing.chapters()
         K, V = self.project_kv(bank, chapters)  # (U, H, S, h)
         S = K.shape[2]
         inverse, gates = inverse.view(B, -1), routing.gates.view(B, -1)  # (B, k); (B, 1, k) when T == 1
@@ -290,7 +305,7 @@ class MemoryAttention(nn.Module):
         probs = (top.values.float() * hd ** -0.5).softmax(dim=-1).to(V.dtype)  # (H, N, m)
         idx = top.indices.reshape(H, -1, 1).expand(-1, -1, hd)  # (H, N*m, h)
         picked = V.gather(1, idx).view(H, B * T, -1, hd)  # the kept slots' values, (H, N, m, h)
-        out = (probs[..., None] * picked).sum(-2)  # (H, N, h)
+        out = (probs.unsqueeze(-1) * picked).sum(-2)  # (H, N, h)
         return out.transpose(0, 1).reshape(B, T, H * hd)
 
     def _read_sequences_sparse(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,

@@ -228,7 +228,9 @@ class MemoryBank(nn.Module):
         extra = [self.right] if self.kind == "factorized" else []
         if self.bits and isinstance(self.q, MappedChapters):
             return extra  # a read-only file: the chapter never changes
-        own = [self.q[chapter], self.scale[chapter]] if self.bits else [self.chapters[chapter]]
+        # `_parameters`, not `chapters[chapter]`: ParameterList's indexing (a failed attribute lookup, then the
+        # module's `__getattr__`) is 3 µs of a decoding step, which checks its K/V cache at every token
+        own = [self.q[chapter], self.scale[chapter]] if self.bits else [self.chapters._parameters[str(chapter)]]
         return [*own, *extra]
 
     # -- quantized storage (inference) ---------------------------------------------------------------------

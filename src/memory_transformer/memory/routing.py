@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 STRATEGIES = ("sequence", "rolling", "token", "hybrid")
@@ -47,17 +48,25 @@ class Routing:
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     scope_logits: torch.Tensor | None = None  # memory.scope gate: the gate logits (B, T) of this read, with autograd
-    _chapters: tuple[list[int], torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _chapters: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _inverse: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def chapter_list(self) -> list[int]:
+        """The distinct chapters, ascending (U,). Computed once: a decision frozen for a whole generation costs no
+        `unique` and no device sync per step."""
+        if self._chapters is None and self.ids.numel() == 1:  # one choice (decoding at batch 1, top-1): no sort
+            self._chapters = [int(self.ids.item())]
+        elif self._chapters is None:
+            chapters, self._inverse = torch.unique(self.ids, return_inverse=True)
+            self._chapters = chapters.tolist()
+        return self._chapters
 
     def chapters(self) -> tuple[list[int], torch.Tensor]:
-        """The distinct chapters as a list (U,) and each choice's index into it (same shape as ids). Computed
-        once: a decision frozen for a whole generation costs no `unique` and no device sync per step."""
-        if self._chapters is None and self.ids.numel() == 1:  # one choice (decoding at batch 1, top-1): no sort
-            self._chapters = ([int(self.ids.item())], torch.zeros_like(self.ids))
-        elif self._chapters is None:
-            chapters, inverse = torch.unique(self.ids, return_inverse=True)
-            self._chapters = (chapters.tolist(), inverse)
-        return self._chapters
+        """`chapter_list()` and each choice's index into it (same shape as ids)."""
+        chapters = self.chapter_list()
+        if self._inverse is None:  # one choice: made only when asked (the decoding read does not ask: 3 µs)
+            self._inverse = torch.zeros_like(self.ids)
+        return chapters, self._inverse
 
 
 Decide = Callable[[torch.Tensor, "torch.Tensor | None"], Routing]  # (x (B, T, d), mask (B, T)) -> decision
@@ -74,13 +83,13 @@ class Router(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled (..., d) -> chapter logits (..., C), in float32 for a stable softmax."""
-        return self.proj(pooled).float()
+        return F.linear(pooled, self.proj.weight).float()  # not `self.proj(...)`: a module call, 2 µs a token
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over time of x (B, T, d), counting only positions where mask (B, T) is 1."""
     if mask is None:
-        return x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)  # one position (a decoding step): its own mean
+        return x.select(1, 0) if x.shape[1] == 1 else x.mean(dim=1)  # one position (a decoding step): its own mean
     m = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
@@ -100,7 +109,7 @@ def route_sequence(router: Router | None, x: torch.Tensor, mask: torch.Tensor | 
     pooled = masked_mean(x, mask)  # (B, d)
     logits = router(pooled)  # (B, C)
     gates, ids = top_k(logits, router.top_k)
-    return Routing(ids, gates, logits, pooled.detach())
+    return Routing(ids, gates, logits, pooled.detach() if pooled.requires_grad else pooled)  # (detach: 1 µs a token)
 
 
 def route_tokens(router: Router | None, x: torch.Tensor, mask: torch.Tensor | None) -> Routing:
