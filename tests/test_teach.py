@@ -62,6 +62,8 @@ def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenize
     assert result["pairs"] == 2 and result["documents"] == 3 and result["steps"] == 2 and result["background"] == 2
     for key in ("recall", "recall_base", "alias_recall"):
         assert 0.0 <= result[key] <= 1.0
+    assert result["in_scope"] in (0.0, 0.5, 1.0)  # of the 2 pairs
+    assert f"pairs in scope (the memory reads there)  {result['in_scope']:.1%}" in printed
     assert result["kl_base_samples"] >= 0.0 and result["kl_prose"] >= 0.0
     assert result["adapter_bytes"] == (out / "run" / "final" / "adapter_model.safetensors").stat().st_size
     assert f"{result['trainable']:,} trainable parameters" in printed and "KL(base || model)" in printed

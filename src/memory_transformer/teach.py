@@ -175,16 +175,18 @@ def train_from(cfg: Config, init: str | Path | None = None) -> dict:
 
 def evaluate_taught(run: Path, pairs: list[RecallItem], aliases: list[RecallItem] | None, background: int,
                     seed: int) -> dict:
-    """New-fact recall (and the base's before), alias recall, KL to the base on `background` samples of the base
-    and on as many stdlib prose paragraphs, and the adapter file's size."""
+    """New-fact recall (and the base's before), the share of the pairs in scope (memory.scope keys), alias recall,
+    KL to the base on `background` samples of the base and on as many stdlib prose paragraphs, and the adapter
+    file's size."""
     from memory_transformer.generate import sample_documents
     from memory_transformer.io import load_model
-    from memory_transformer.knowledge import kl_to_base, stdlib_prose
+    from memory_transformer.knowledge import kl_to_base, scope_coverage, stdlib_prose
     from memory_transformer.recall import recall
 
     model = load_model(run)
     tok, T = model.tokenizer, model.config.model.max_seq_len
-    out: dict = {"recall": recall(model, tok, pairs)["recall"] if pairs else None, "pairs": len(pairs)}
+    out: dict = {"recall": recall(model, tok, pairs)["recall"] if pairs else None, "pairs": len(pairs),
+                 "in_scope": scope_coverage(model, tok, pairs)}
     with model.adapters_disabled():
         out["recall_base"] = recall(model, tok, pairs)["recall"] if pairs else None
         samples = sample_documents(model, background, min(T, 128), seed + 1)  # not the replayed ones (seed)
@@ -202,6 +204,9 @@ def format_result(r: dict, root: Path) -> str:
     lines = [f"taught {r['documents']} records ({r['pairs']} question/answer pairs) in {r['steps']} steps, "
              f"{r['wall_time_s']:.0f} s",
              f"new-fact recall (the given pairs)        {pct(r['recall'])}   (the base before: {pct(r['recall_base'])})"]
+    if r.get("in_scope") is not None:
+        lines.append(f"pairs in scope (the memory reads there)  {pct(r['in_scope'])}   (a pair out of scope reads "
+                     f"nothing: recall's ceiling)")
     if r["alias_recall"] is not None:
         lines.append(f"alias recall (--eval-aliases)            {pct(r['alias_recall'])}")
     lines += [f"locality, KL(base || model) per token    {r['kl_base_samples']:.4f} nats on {r['background']} samples "
