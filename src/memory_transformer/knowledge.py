@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from memory_transformer.data.prose import stdlib_prose  # noqa: F401  (re-exported: a locality probe)
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
-from memory_transformer.model import eval_mode
 from memory_transformer.data.tokenizer import left_pad
+from memory_transformer.model import eval_mode
 from memory_transformer.recall import recall
 
 
