@@ -75,6 +75,7 @@ def run_seed(args, seed: int) -> dict[str, dict]:
             rows[name] = probes[name]
             if args.rounds > 1:
                 rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"]))
+        rows["base"] = {"recall_new_heldout": _base_heldout(root, teach, args)}
     return rows
 
 
@@ -116,6 +117,18 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
                      "kl_prose": kl_to_base(model, model.tokenizer, prose, T),
                      "time_vs_lora": results["lora"]["tokens_per_s"] / r["tokens_per_s"]}
     return out
+
+
+def _base_heldout(root: Path, teach: Config, args) -> float:
+    """The base on its own (old) people's facts asked in the held-out phrasings: how far the base itself carries a
+    fact it knows to a wording it never saw, which a read of its states starts from (docs/experiments.md)."""
+    from memory_transformer.io import load_model
+    from memory_transformer.recall import recall
+
+    d = teach.data
+    old = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus).subset(0, args.old)
+    model = load_model(root / "base" / "final")
+    return recall(model, model.tokenizer, old.recall_items("qa", True))["recall"]
 
 
 def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float) -> dict:
@@ -165,6 +178,8 @@ def table(runs: list[dict[str, dict]], args) -> str:
     names = list(runs[0])
     head = (f"{len(runs)} seed(s), corpus {args.corpus}, {args.old} old people; "
             f"columns: {', '.join(names)}")
+    if "base" in names:
+        head += "; base: its own (old) people's facts in the held-out phrasings"
     lines = [head, f"| measure | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
     for key, label, fmt in labels(args):
         cells = []

@@ -40,3 +40,13 @@ def test_the_second_size_gets_the_same_steps_per_person():
     base, teach = scope._configs(args, 0, 100)
     assert teach.training.max_steps == 1000 and teach.data.people == [20, 120]
     assert base.data.prose_fraction == 0.2 and base.data.people == [0, 20] and base.training.max_steps == 1000
+
+
+def test_the_base_column_holds_its_own_held_out_recall_only():
+    args = Namespace(sizes=[20], rounds=1, corpus="demo", old=20)
+    keys = [k for k, _, _ in scope.labels(args)]
+    text = scope.table([{"keys": {k: 0.5 for k in keys}, "base": {"recall_new_heldout": 0.125}}], args)
+    lines = text.splitlines()
+    assert lines[0].endswith("columns: keys, base; base: its own (old) people's facts in the held-out phrasings")
+    assert "| held-out question phrasing | 50.0% | 12.5% |" in lines
+    assert "| old facts kept (share of the base's) | 50.0% | - |" in lines
