@@ -248,10 +248,10 @@ def test_each_position_reads_its_last_matched_chapter_until_eos_with_or_without_
     assert torch.equal(torch.cat(got, dim=1), whole.read)
 
 
-def _keyed_model():
-    """A tiny model with keys routing over 2 chapters: key 0 (chapter 0) is the state of row 0's position 3, key 1
-    (chapter 1) that of row 0's position 8; row 1 holds other tokens."""
-    model, ids, states = _model_and_states(ROUTED)
+def _keyed_model(**memory):
+    """A tiny model with keys routing over 2 chapters (and `memory`): key 0 (chapter 0) is the state of row 0's
+    position 3, key 1 (chapter 1) that of row 0's position 8; row 1 holds other tokens."""
+    model, ids, states = _model_and_states({**ROUTED, **memory})
     model.memory.scope.extend(states[[3, 8]], torch.tensor([0.9999, 0.9999]), torch.tensor([0, 1]))
     return model, ids
 
@@ -297,3 +297,63 @@ def test_keys_routing_generates_alike_with_and_without_kv_cache_and_takes_no_str
 def test_keys_routing_config_errors_name_the_key(memory, sections, match):
     with pytest.raises(ConfigError, match=match):
         tiny_config("llama", memory=memory, **sections)
+
+
+def test_the_anchor_is_the_mean_of_the_matched_unit_states_since_the_scope_opened_with_or_without_a_kv_cache():
+    a, b, n = [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]  # key 0's direction, key 1's, neither
+    states = torch.tensor([[n, [2.0, 0.0], n, b, n, n, [3.0, 0.0], [0.0, 5.0]]])  # lengths differ: not unit
+    ids = torch.tensor([[5, 5, 5, 5, 0, 5, 5, 5]])  # eos at position 4
+    whole = _routed_scope()
+    whole.observe(states, ids, past=0, anchor=True)
+    assert whole.read.tolist() == [[-1, 0, 0, 1, -1, -1, 0, 1]]
+    # opened at 1, position 3 matches too (mean of the two unit states), closed by eos, opened again at 6
+    expected = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0],
+                              [0.5, 0.5]]])
+    assert torch.equal(whole.anchor, expected)
+    steps = _routed_scope()
+    steps.observe(states[:, :2], ids[:, :2], past=0, anchor=True)
+    got = [steps.anchor]
+    for t in range(2, 8):
+        steps.observe(states[:, t:t + 1], ids[:, :t + 1], past=t, anchor=True)
+        got.append(steps.anchor)
+    assert torch.equal(torch.cat(got, dim=1), expected)
+    assert steps.anchor_count.tolist() == [[0, 1, 1, 2, 0, 0, 1, 2]]
+
+
+def test_the_anchored_read_starts_as_the_read_without_it_and_learns_only_in_scope():
+    model, ids = _keyed_model()
+    anchored, _ = _keyed_model(scope_anchor=True)
+    assert anchored.load_state_dict(model.state_dict(), strict=False).missing_keys == [
+        f"memory.blocks.{anchored.memory.layer_ids[0]}.attn.anchor.weight"]
+    attn = anchored.memory.blocks[str(anchored.memory.layer_ids[0])].attn
+    assert attn.anchor.weight.shape == (32, 32) and not attn.anchor.weight.any()  # W_a starts at 0
+    out = anchored(ids).logits
+    assert torch.equal(out, model(ids).logits)  # so the read is the one without an anchor, bit for bit
+    out[0, 3:].sum().backward()
+    assert attn.anchor.weight.grad.abs().sum() > 0
+    attn.anchor.weight.grad = None
+    out = anchored(ids).logits
+    out[1].sum().backward()  # row 1 never opens its scope: its anchor is 0 and the read adds nothing
+    assert attn.anchor.weight.grad is None or not attn.anchor.weight.grad.any()
+
+
+def test_the_anchored_read_generates_alike_with_and_without_kv_cache():
+    model, ids = _keyed_model(scope_anchor=True)
+    attn = model.memory.blocks[str(model.memory.layer_ids[0])].attn
+    torch.nn.init.normal_(attn.anchor.weight, std=0.5)
+    model.eval()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids[:1, :10], use_cache=True, **kw)
+        uncached = model.generate(input_ids=ids[:1, :10], use_cache=False, **kw)
+        logits = model(ids).logits
+        attn.anchor.weight.zero_()
+        assert not torch.allclose(model(ids).logits[0, 3:], logits[0, 3:])  # the anchor moves the read
+    assert torch.equal(cached, uncached)
+
+
+def test_the_anchor_needs_scope_keys():
+    with pytest.raises(ConfigError, match=r"memory.scope_anchor: the anchor is the mean of the states that matched "
+                                          r"a scope key: needs memory.scope keys, got none"):
+        check_training(tiny_config("llama", memory={**ROUTED, "routing": "sequence", "scope": "none",
+                                                     "scope_anchor": True}))

@@ -99,6 +99,9 @@ class MemoryConfig:
     scope_novelty: float = 0.8  # keys: a taught state is a key when its best cosine to the background is below this
     scope_radius: float = 0.7  # keys: a key matches above b + radius * (1 - b), b its best cosine to the background
     scope_max_keys: int = 8192  # keys: at most this many (a seeded random subset of the candidates)
+    # keys: the read's query also sees the mean of the states that matched a key since the position's scope opened
+    # (in practice the parts of a new name): q = W_q norm(h) + W_a norm(anchor), W_a trained from 0 (memory/scope.py)
+    scope_anchor: bool = False
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
@@ -548,6 +551,9 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
     if mem.scope != "none" and mem.block_variant != "A":
         raise ConfigError("memory.scope", f"{mem.scope} needs memory.block_variant A (variant B's extra MLP is not "
                           "scoped, so a closed scope would not leave the base's output)")
+    if mem.scope_anchor and mem.scope != "keys":
+        raise ConfigError("memory.scope_anchor", f"the anchor is the mean of the states that matched a scope key: needs "
+                          f"memory.scope keys, got {mem.scope}")
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:

@@ -218,14 +218,15 @@ class MemoryStack(nn.Module):
         decide = self._policy.bind(i, attn.router, self._past)
         if self.scope is not None:
             if i == self.layer_ids[0]:
-                self.scope.observe(h, self._ids, self._past)
+                self.scope.observe(h, self._ids, self._past, anchor=self.cfg.scope_anchor)
             if self.cfg.routing != "keys":  # keys routing's decision is the scope's own: -1 out of scope already
                 decide = self.scope.restrict(decide)
         mask = self._mask_for(h)
+        anchor = self.scope.anchor[:, -h.shape[1]:] if self.cfg.scope_anchor else None
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            out, routing = checkpoint(attn, h, bank, decide, mask, use_reentrant=False)
+            out, routing = checkpoint(attn, h, bank, decide, mask, anchor, use_reentrant=False)
         else:
-            out, routing = attn(h, bank, decide, mask)
+            out, routing = attn(h, bank, decide, mask, anchor)
         self.decisions[i] = routing
         return out.to(h.dtype)
 

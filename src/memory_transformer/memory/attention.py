@@ -96,12 +96,13 @@ class AttentionArgs:
     slot_top_k: int | None = None  # None: every slot of the selected chapters
     null_slot: bool = False
     scope_threshold: float | None = None  # None: no scope gate; else memory.scope gate with this threshold
+    anchor: bool = False  # memory.scope_anchor: the query also sees the mean of the states that matched a key
 
     @classmethod
     def from_config(cls, c: MemoryConfig, hidden: int, norm_eps: float) -> AttentionArgs:
         return cls(hidden, c.bank_rank if c.bank == "reduced_dim" else hidden, c.num_heads, c.num_chapters, c.top_k,
                    c.qkv_rank, c.wo_init, c.dropout, norm_eps, c.init_std, c.routing, c.kv == "learned",
-                   c.slot_top_k, c.null_slot, c.scope_threshold if c.scope == "gate" else None)
+                   c.slot_top_k, c.null_slot, c.scope_threshold if c.scope == "gate" else None, c.scope_anchor)
 
 
 class MemoryAttention(nn.Module):
@@ -130,6 +131,10 @@ class MemoryAttention(nn.Module):
             nn.init.eye_(self.o.weight)  # also 0 at init, but the values get gradient from the first step
             if self.v is not None:
                 nn.init.zeros_([m for m in self.v.modules() if isinstance(m, nn.Linear)][-1].weight)
+        # memory.scope_anchor: q = W_q norm(h) + W_a norm(anchor); W_a starts at 0, so the read starts as without it
+        self.anchor = projection(a.hidden, a.width, a.qkv_rank) if a.anchor else None
+        if self.anchor is not None:
+            nn.init.zeros_([m for m in self.anchor.modules() if isinstance(m, nn.Linear)][-1].weight)
         # The scope gate (memory.scope gate): a per-token logit l = w . norm(h) + b; created after the init loop
         # above, so its weight gets its own init; bias 0 puts every token at sigmoid(0) = 0.5 at init.
         self.scope_threshold = a.scope_threshold
@@ -208,14 +213,21 @@ class MemoryAttention(nn.Module):
 
     # -- the read ------------------------------------------------------------------------------------------
     def forward(self, h: torch.Tensor, bank: MemoryBank, decide: Decide | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+                mask: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """h (B, T, d) -> memory output (B, T, d) to add to the residual stream, and the routing used.
-        `decide` (x, mask) -> Routing: a policy bound to this call (routing.py); None: the layer's own."""
+        `decide` (x, mask) -> Routing: a policy bound to this call (routing.py); None: the layer's own.
+        `anchor` (B, T, d): memory.scope_anchor's mean matched state of each position's scope (memory/scope.py)."""
         B, T, _ = h.shape
         H, w = self.num_heads, self.width
         x = rms_norm(h, self.norm)
         routing = (decide or self._own_decision())(x, mask)
-        q = project(self.q, x).view(B, T, H, w // H)  # (B, T, H, h)
+        q = project(self.q, x)
+        if self.anchor is not None:
+            if anchor is None:
+                raise ValueError("memory.scope_anchor: the read needs the scope's anchors (MemoryStack); call the "
+                                 "model, not the memory layer alone")
+            q = q + project(self.anchor, rms_norm(anchor.to(h.dtype), self.norm))
+        q = q.view(B, T, H, w // H)  # (B, T, H, h)
         if routing.ids.dim() == 3 and bool((routing.ids < 0).any()):  # some tokens read nothing (subject routing)
             out = self._read_some(q, bank, routing)
         elif routing.ids.dim() == 2 or T == 1:  # per-token routing of one token per row is per-sequence routing
