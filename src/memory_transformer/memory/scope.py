@@ -35,7 +35,7 @@ position in scope, the anchor is the mean of the unit states of the positions th
 opened (in a question: the parts of the name asked about; carried through the KV cache), and the read's query is
 q = W_q norm(h) + W_a norm(anchor), with W_a trained from 0. The query then says whom a question is about as well
 as what it asks, and many people's facts can share one chapter (docs/experiments.md: 100 new people in one
-chapter of 1,024 slots, 70-80% learned without it, 90-91% with it).
+chapter, 70-80% learned without it, 88.5-93.3% with it).
 """
 
 from __future__ import annotations
