@@ -122,13 +122,13 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
 def _base_heldout(root: Path, teach: Config, args) -> float:
     """The base on its own (old) people's facts asked in the held-out phrasings: how far the base itself carries a
     fact it knows to a wording it never saw, which a read of its states starts from (docs/experiments.md)."""
+    from memory_transformer.evaluate import fact_recall
     from memory_transformer.io import load_model
-    from memory_transformer.recall import recall
 
     d = teach.data
     old = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus).subset(0, args.old)
     model = load_model(root / "base" / "final")
-    return recall(model, model.tokenizer, old.recall_items("qa", True))["recall"]
+    return fact_recall(model, model.tokenizer, old, ["recall_qa_heldout"])["recall_qa_heldout"]
 
 
 def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float) -> dict:

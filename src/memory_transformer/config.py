@@ -552,8 +552,8 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
         raise ConfigError("memory.scope", f"{mem.scope} needs memory.block_variant A (variant B's extra MLP is not "
                           "scoped, so a closed scope would not leave the base's output)")
     if mem.scope_anchor and mem.scope != "keys":
-        raise ConfigError("memory.scope_anchor", f"the anchor is the mean of the states that matched a scope key: needs "
-                          f"memory.scope keys, got {mem.scope}")
+        raise ConfigError("memory.scope_anchor", "the anchor is the mean of the states that matched a scope key: "
+                          f"needs memory.scope keys, got {mem.scope}")
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:
