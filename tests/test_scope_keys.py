@@ -3,6 +3,7 @@ out of scope, KV-cache agreement, saving with the adapter, config errors, traini
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from conftest import tiny_config
 from memory_transformer import ConfigError, build_model, load_config
@@ -192,19 +193,75 @@ def test_a_resumed_run_keeps_its_keys_and_does_not_fit_again(tmp_path, saved_bas
     assert torch.equal(resumed.unwrapped.memory.scope.keys, saved)
 
 
-def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch):
-    model = build_model(tiny_config("llama", memory=KEYS))
+@pytest.mark.parametrize("pairs", [False, True])
+def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch, pairs):
+    model = build_model(tiny_config("llama", memory={**KEYS, "scope_pairs": pairs}))
     eos = model.tokenizer.eos_token_id
     seen = {}
-    monkeypatch.setattr(ScopeKeys, "fit", lambda self, t, b, seed=0, chapter=0: seen.update(taught=t, background=b))
+    monkeypatch.setattr(ScopeKeys, "fit", lambda self, t, b, seed=0, chapter=0, tp=None, bp=None:
+                        seen.update(taught=t, background=b, taught_prev=tp, background_prev=bp))
     ids = torch.tensor([[65, 66, eos, 67, 68, 69], [65, 66, 67, 68, 69, 70], [eos, 65, 66, 67, 68, 0]])
     mask = torch.tensor([[1] * 6, [1] * 6, [1] * 5 + [0]])
     replay = torch.tensor([[0] * 6, [0] * 6, [0, 0, 0, 1, 1, 0]])
     model.fit_scope({"input_ids": ids, "attention_mask": mask, "replay": replay},
                     {"input_ids": ids, "attention_mask": mask})
     # row 0: from its eos on (4 positions); row 1: none (no document starts in it); row 2: eos and 2 taught tokens
-    assert seen["taught"].shape == (4 + 0 + 3, 32)
-    assert seen["background"].shape == (6 + 6 + 5, 32)  # every real token
+    taught, background = seen["taught"], seen["background"]
+    assert taught.shape == (4 + 0 + 3, 32)
+    assert background.shape == (6 + 6 + 5, 32)  # every real token
+    if not pairs:
+        assert seen["taught_prev"] is None and seen["background_prev"] is None
+        return
+    # each row's previous state, zeros where the previous position is not kept (a row's first, before its eos)
+    zero = torch.zeros(32)
+    assert torch.equal(seen["taught_prev"], torch.stack([zero, *taught[0:3], zero, *taught[4:6]]))
+    assert torch.equal(seen["background_prev"], torch.stack([zero, *background[0:5], zero, *background[6:11], zero,
+                                                             *background[12:16]]))
+
+
+def test_pair_keys_fit_where_each_half_is_known_but_not_together_with_hand_computed_thresholds():
+    scope = ScopeKeys(2, novelty=0.9, radius=0.5, max_keys=10, eos=None, pairs=True)
+    a, b, c = [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]
+    # background: the pairs (a, b) and (b, a) [a row of zeros: the first position has no previous state]
+    background, background_prev = torch.tensor([a, b, a]), torch.tensor([[0.0, 0.0], a, b])
+    # taught: (c, a): c alone is novel (cosine -1 to a), a is not; (b, b): b known, the pair is not -> a pair key;
+    # (a, b): the pair is the background's own -> nothing; (0, a): no previous state -> nothing
+    taught = torch.tensor([c, a, b, b, a])
+    taught_prev = torch.tensor([[0.0, 0.0], c, b, a, [0.0, 0.0]])
+    counts = scope.fit(taught, background, taught_prev=taught_prev, background_prev=background_prev)
+    assert counts == {"taught_states": 5, "background_states": 3, "keys": 1, "pair_keys": 2}
+    assert torch.equal(scope.keys, torch.tensor([c]))
+    # (c, a): best over the background pairs of min(cos(prev), cos(state)): (a, b) -> min(-1, 0), (b, a) -> min(0, 1),
+    # (0, a) -> min(0, 1): 0 -> threshold 0 + 0.5 * (1 - 0); (b, b): (a, b) -> min(0, 1) = 0, (b, a) -> min(1, 0) = 0
+    assert torch.equal(scope.pair_keys, torch.tensor([[c, a], [b, b]]))
+    assert torch.allclose(scope.pair_thresholds, torch.tensor([0.5, 0.5]))
+    # a position matches a pair key when both halves are within the threshold: (c, a) and (b, b) do, (a, a) does not
+    # (cosine -1 to c), nor does a alone at the first position (no previous state)
+    h = torch.tensor([[a, b, b, a, a]])
+    prev = torch.tensor([[[0.0, 0.0], a, b, b, a]])
+    assert scope.matches(h, prev).tolist() == [[NO_EVENT, NO_EVENT, 0, NO_EVENT, NO_EVENT]]
+    h, prev = torch.tensor([[a]]), torch.tensor([[c]])
+    assert scope.matches(h, prev).tolist() == [[0]]
+    with pytest.raises(ValueError, match="needs the previous positions' states"):
+        scope.fit(taught, background)
+
+
+def test_pair_keys_match_across_a_kv_cache_as_in_the_whole_sequence():
+    a, b, n = [1.0, 0.0], [0.0, 1.0], [-0.6, -0.8]
+    scope = ScopeKeys(2, 0.5, 0.5, 10, eos=0, pairs=True)
+    scope.extend(torch.zeros(0, 2), torch.zeros(0), pair_keys=torch.tensor([[a, b]]), pair_thresholds=torch.tensor([0.9]))
+    states = torch.tensor([[n, a, b, n, b, a, n, a, b]])  # the pair (a, b) at positions 2 and 8
+    ids = torch.tensor([[5, 5, 5, 5, 0, 5, 5, 5, 5]])  # eos at position 4
+    scope.observe(states, ids, past=0)
+    whole = scope.read
+    assert whole.tolist() == [[-1, -1, 0, 0, -1, -1, -1, -1, 0]]
+    scope.observe(states[:, :1], ids[:, :1], past=0)
+    got = [scope.read]
+    for t in range(1, 9):  # one position at a time: the pair's previous half comes from the cache
+        scope.observe(states[:, t:t + 1], ids[:, :t + 1], past=t)
+        got.append(scope.read)
+    assert torch.equal(torch.cat(got, dim=1), whole)
+    assert torch.equal(scope.units, F.normalize(states, dim=-1))
 
 
 # -- memory.routing keys: every key opens its chapter -------------------------------------------------------------

@@ -102,6 +102,10 @@ class MemoryConfig:
     # keys: the read's query also sees the mean of the states that matched a key since the position's scope opened
     # (in practice the parts of a new name): q = W_q norm(h) + W_a norm(anchor), W_a trained from 0 (memory/scope.py)
     scope_anchor: bool = False
+    # keys: also keys on two consecutive states (the previous position's and this one's), fitted where this state
+    # alone is not novel but the pair is (no background pair within scope_novelty on both): a name whose every
+    # part the base knows alone, in an order the base never produced (memory/scope.py)
+    scope_pairs: bool = False
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
@@ -554,6 +558,8 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
     if mem.scope_anchor and mem.scope != "keys":
         raise ConfigError("memory.scope_anchor", "the anchor is the mean of the states that matched a scope key: "
                           f"needs memory.scope keys, got {mem.scope}")
+    if mem.scope_pairs and mem.scope != "keys":
+        raise ConfigError("memory.scope_pairs", f"pair keys are scope keys: needs memory.scope keys, got {mem.scope}")
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:

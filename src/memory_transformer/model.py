@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memory_transformer.config import Config, ConfigError, load_config, resolve_layers
@@ -189,15 +190,23 @@ class MemoryModel(nn.Module):
         found: list[torch.Tensor] = []
         handle = norm.register_forward_pre_hook(lambda module, args: found.append(args[0]))
 
-        def states(ex: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-            out = []
+        pairs = self.memory.scope.pair_keys is not None  # memory.scope_pairs: also each state's previous one
+
+        def states(ex: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The kept positions' states, and (pairs) their previous positions' (zeros where that one is not
+            kept: a pair is taught only where both its positions are)."""
+            out, before = [], []
             for i in range(0, len(ex["input_ids"]), batch_size):
                 rows = slice(i, i + batch_size)
                 found.clear()
                 self.base(input_ids=ex["input_ids"][rows].to(self.device),
                           attention_mask=ex["attention_mask"][rows].to(self.device))
-                out.append(found[0][keep[rows].to(self.device)].float().cpu())
-            return torch.cat(out)
+                h, k = found[0].float(), keep[rows].to(self.device)
+                out.append(h[k].cpu())
+                if pairs:
+                    prev = F.pad(h[:, :-1] * k[:, :-1, None], (0, 0, 1, 0))  # position t holds t - 1's state
+                    before.append(prev[k].cpu())
+            return torch.cat(out), torch.cat(before) if pairs else None
 
         ids, real = taught["input_ids"], taught["attention_mask"].bool()
         # Taught states only where the document's beginning is in the same row (after an end-of-sequence token):
@@ -208,12 +217,13 @@ class MemoryModel(nn.Module):
             keep &= ~taught["replay"].bool()
         try:
             with eval_mode(self), self.adapters_disabled():
-                taught_states = states(taught, keep)
-                background_states = states(background, background["attention_mask"].bool())
+                taught_states, taught_prev = states(taught, keep)
+                background_states, background_prev = states(background, background["attention_mask"].bool())
         finally:
             handle.remove()
         # memory.routing keys: a run's keys open the bank's last chapter (a later round's new one, teach.py)
-        return self.memory.scope.fit(taught_states, background_states, seed, self.config.memory.num_chapters - 1)
+        return self.memory.scope.fit(taught_states, background_states, seed, self.config.memory.num_chapters - 1,
+                                     taught_prev, background_prev)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from memory_transformer.io import save_model

@@ -5,7 +5,9 @@
 The facts file is JSONL: one record per line, either a document `{"text": ...}` or a pair
 `{"question": ..., "answer": ...}`, which is taught as the document "QUESTION Answer: ANSWER." and asked back as
 "QUESTION Answer:" (greedy exact match of " ANSWER"). The documents are repeated, in shuffled passes, until one
-epoch fills at least one batch.
+epoch fills at least two batches (`EPOCH_BATCHES`); configs/teach.yaml trains a number of epochs
+(`training.num_epochs`), so the steps grow with the facts given: a few facts train 2 x num_epochs steps, many
+facts num_epochs passes over them (`--set training.max_steps=N` fixes the steps instead).
 
 Output folder: documents.jsonl (what was trained on), run/ (the run folder; the adapter is run/final) and
 result.json (the printed figures).
@@ -30,6 +32,7 @@ from memory_transformer.config import Config, ConfigError, load_config
 from memory_transformer.data.synthetic_facts import RecallItem, draw_passes
 
 DEFAULT_CONFIG = "configs/teach.yaml"
+EPOCH_BATCHES = 2  # an epoch is at least this many batches of documents
 
 
 def read_facts(path: str | Path, flag: str) -> list[dict]:
@@ -137,7 +140,8 @@ def teach(base: str, data: str, out: str, config: str | None = None, overrides: 
     start_dir = Path(start) if start is not None else None
     cfg = teach_config(base, root, config, overrides or [], start_dir)
     tokenizer = load_tokenizer(*tokenizer_source(cfg))
-    docs = repeated(documents(records), tokenizer, cfg.training.batch_size * cfg.model.max_seq_len, cfg.data.seed)
+    batch_tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.max_seq_len
+    docs = repeated(documents(records), tokenizer, EPOCH_BATCHES * batch_tokens, cfg.data.seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "documents.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     summary = train_from(cfg, start_dir)
@@ -165,7 +169,7 @@ def train_from(cfg: Config, init: str | Path | None = None) -> dict:
         # in place: the optimizer keeps the same tensors; with keys routing this round's chapter is new
         load_weights(trainer.unwrapped, Path(init), new_chapters=keyed)
         if fitted is not None:
-            scope.extend(*fitted)  # the earlier rounds' keys and this round's: every taught document stays in scope
+            scope.extend(**fitted)  # the earlier rounds' keys and this round's: every taught document stays in scope
         if keyed:  # the earlier rounds' chapters stay as they were written: no gradient, so no optimizer step
             for bank in memory.banks:
                 for chapter in bank.chapters[:-1]:

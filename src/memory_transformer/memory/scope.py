@@ -47,7 +47,20 @@ from torch.nn import functional as F
 from memory_transformer.memory.routing import Decide, Router, Routing
 from memory_transformer.memory.subjects import NO_EVENT, NO_READ, last_event
 
-_CHUNK = 4096  # rows per similarity matmul while fitting
+_CHUNK = 2**26  # similarities per matmul while fitting (256 MB of float32)
+_CODEBOOK = ("keys", "thresholds", "chapters", "pair_keys", "pair_thresholds", "pair_chapters")
+
+
+def _best_cosine(taught: torch.Tensor, background: torch.Tensor, taught_prev: torch.Tensor | None = None,
+                 background_prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit states (N, d), (M, d) -> (N,): each taught state's best cosine to any background state. With the
+    previous positions' states (rows aligned with the states): each taught pair's best, over the background's
+    consecutive pairs, of the smaller of its two cosines (a pair is as close as its farther half)."""
+    rows = max(1, _CHUNK // max(len(background), 1))
+    if taught_prev is None:
+        return torch.cat([(part @ background.T).max(-1).values for part in taught.split(rows)])
+    return torch.cat([torch.minimum(part @ background.T, prev @ background_prev.T).max(-1).values
+                      for part, prev in zip(taught.split(rows), taught_prev.split(rows))])
 
 
 class ScopeKeys(nn.Module):
@@ -55,13 +68,19 @@ class ScopeKeys(nn.Module):
     the scope of the current forward: `read` (B, T), the chapter each position reads (0 unrouted), -1 where none."""
 
     def __init__(self, dim: int, novelty: float, radius: float, max_keys: int, eos: int | None,
-                 routed: bool = False):
+                 routed: bool = False, pairs: bool = False):
         super().__init__()
         self.novelty, self.radius, self.max_keys, self.eos = novelty, radius, max_keys, eos
         self.register_buffer("keys", torch.zeros(0, dim))
         self.register_buffer("thresholds", torch.zeros(0))
         # memory.routing keys: the chapter each key opens (None unrouted: an adapter of scope keys alone has none)
         self.register_buffer("chapters", torch.zeros(0, dtype=torch.long) if routed else None)
+        # memory.scope_pairs: keys on two consecutive unit states, (K2, 2, d) [previous, current], each with its
+        # threshold and (routed) chapter; None without pairs (an adapter fitted without them loads as it was)
+        self.register_buffer("pair_keys", torch.zeros(0, 2, dim) if pairs else None)
+        self.register_buffer("pair_thresholds", torch.zeros(0) if pairs else None)
+        self.register_buffer("pair_chapters", torch.zeros(0, dtype=torch.long) if pairs and routed else None)
+        self.units: torch.Tensor | None = None  # pairs: (B, L, d) the unit states of every position so far
         self.state: torch.Tensor | None = None  # (B, L): the chapter read, NO_READ where none, every position so far
         self.read: torch.Tensor | None = None  # (B, T), the positions of the current forward
         # memory.scope_anchor: each position's anchor in the current forward (B, T, d), 0 out of scope; and the
@@ -76,7 +95,7 @@ class ScopeKeys(nn.Module):
         return self.read >= 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("keys", "thresholds", "chapters"):  # the codebook's size is whatever was fitted
+        for name in _CODEBOOK:  # the codebook's size is whatever was fitted
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device,
@@ -84,60 +103,105 @@ class ScopeKeys(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def fit(self, taught: torch.Tensor, background: torch.Tensor, seed: int = 0, chapter: int = 0) -> dict[str, int]:
+    def fit(self, taught: torch.Tensor, background: torch.Tensor, seed: int = 0, chapter: int = 0,
+            taught_prev: torch.Tensor | None = None, background_prev: torch.Tensor | None = None) -> dict[str, int]:
         """taught (N, d), background (M, d) hidden states -> keys and thresholds (module doc), each key opening
         `chapter` when routed. More than `max_keys` candidates: a seeded random `max_keys` of them are kept.
-        Returns counts for the log."""
+        With pairs, `taught_prev` and `background_prev` are the states of the positions before (rows aligned; a
+        row of zeros where there is none): a taught state that is not novel alone but whose pair with its previous
+        state is (no background pair within `novelty` on both halves) becomes a pair key. Returns counts for the
+        log."""
         if not len(background):
             raise ValueError("memory.scope keys: no background states to fit against (data.replay_generated)")
         taught, background = F.normalize(taught.float(), dim=-1), F.normalize(background.float(), dim=-1)
-        best = torch.cat([(part @ background.T).max(-1).values for part in taught.split(_CHUNK)])  # (N,)
-        novel = (best < self.novelty).nonzero().squeeze(-1)
-        if len(novel) > self.max_keys:
-            g = torch.Generator().manual_seed(seed)
-            novel = novel[torch.randperm(len(novel), generator=g)[: self.max_keys]].sort().values
-        b = best[novel]
-        self.keys = taught[novel].to(self.keys.device, self.keys.dtype)
-        self.thresholds = (b + self.radius * (1 - b)).to(self.thresholds.device, self.thresholds.dtype)
+        best = _best_cosine(taught, background)  # (N,)
+        novel = self._subset((best < self.novelty).nonzero().squeeze(-1), seed)
+        self.keys, self.thresholds = self._codebook(taught[novel], best[novel], self.keys, self.thresholds)
         if self.chapters is not None:
             self.chapters = torch.full((len(novel),), chapter, dtype=torch.long, device=self.chapters.device)
-        return {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
+        counts = {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
+        if self.pair_keys is None:
+            return counts
+        if taught_prev is None or background_prev is None:
+            raise ValueError("memory.scope_pairs: fitting pair keys needs the previous positions' states")
+        taught_prev = F.normalize(taught_prev.float(), dim=-1)
+        background_prev = F.normalize(background_prev.float(), dim=-1)
+        candidates = ((best >= self.novelty) & (taught_prev.abs().sum(-1) > 0)).nonzero().squeeze(-1)
+        pair_best = _best_cosine(taught[candidates], background, taught_prev[candidates], background_prev)
+        chosen = self._subset((pair_best < self.novelty).nonzero().squeeze(-1), seed)
+        pairs = torch.stack([taught_prev[candidates[chosen]], taught[candidates[chosen]]], dim=1)  # (K2, 2, d)
+        self.pair_keys, self.pair_thresholds = self._codebook(pairs, pair_best[chosen], self.pair_keys,
+                                                              self.pair_thresholds)
+        if self.pair_chapters is not None:
+            self.pair_chapters = torch.full((len(chosen),), chapter, dtype=torch.long, device=self.pair_chapters.device)
+        return counts | {"pair_keys": len(chosen)}
 
-    def codebook(self) -> tuple[torch.Tensor, ...]:
-        """What `extend` takes: keys, thresholds and (routed) chapters."""
-        return (self.keys, self.thresholds) if self.chapters is None else (self.keys, self.thresholds, self.chapters)
+    def _subset(self, candidates: torch.Tensor, seed: int) -> torch.Tensor:
+        """At most `max_keys` of `candidates` (a seeded random subset, in order)."""
+        if len(candidates) <= self.max_keys:
+            return candidates
+        g = torch.Generator().manual_seed(seed)
+        return candidates[torch.randperm(len(candidates), generator=g)[: self.max_keys].sort().values]
 
-    def extend(self, keys: torch.Tensor, thresholds: torch.Tensor, chapters: torch.Tensor | None = None) -> None:
+    def _codebook(self, keys: torch.Tensor, best: torch.Tensor, like_keys: torch.Tensor,
+                  like_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and their thresholds b + radius * (1 - b), b the key's best cosine to the background."""
+        return (keys.to(like_keys.device, like_keys.dtype),
+                (best + self.radius * (1 - best)).to(like_thresholds.device, like_thresholds.dtype))
+
+    def codebook(self) -> dict[str, torch.Tensor]:
+        """What `extend` takes: keys, thresholds and, when present, chapters and the pair keys'."""
+        return {name: getattr(self, name) for name in _CODEBOOK if getattr(self, name) is not None}
+
+    def extend(self, keys: torch.Tensor, thresholds: torch.Tensor, chapters: torch.Tensor | None = None,
+               pair_keys: torch.Tensor | None = None, pair_thresholds: torch.Tensor | None = None,
+               pair_chapters: torch.Tensor | None = None) -> None:
         """Add keys fitted elsewhere (another round of teaching) to these."""
-        self.keys = torch.cat([self.keys, keys.to(self.keys.device, self.keys.dtype)])
-        self.thresholds = torch.cat([self.thresholds, thresholds.to(self.thresholds.device, self.thresholds.dtype)])
-        if self.chapters is not None:
-            self.chapters = torch.cat([self.chapters, chapters.to(self.chapters.device)])
+        given = {"keys": keys, "thresholds": thresholds, "chapters": chapters, "pair_keys": pair_keys,
+                 "pair_thresholds": pair_thresholds, "pair_chapters": pair_chapters}
+        for name, more in given.items():
+            mine = getattr(self, name)
+            if mine is not None and more is not None:
+                setattr(self, name, torch.cat([mine, more.to(mine.device, mine.dtype)]))
 
-    def matches(self, h: torch.Tensor) -> torch.Tensor:
+    def matches(self, h: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, T, d) -> (B, T): the chapter of the best-matching key (the widest margin of cosine over its
-        threshold; 0 unrouted), NO_EVENT where no key matches."""
-        if not len(self.keys):
-            return torch.full(h.shape[:2], NO_EVENT, dtype=torch.long, device=h.device)
+        threshold; 0 unrouted), NO_EVENT where no key matches. `prev` (B, T, d): the unit states of the positions
+        before (zeros where none), for the pair keys; a pair matches by the smaller of its two margins' cosines."""
         u = F.normalize(h.detach().float(), dim=-1)
-        margin = u @ self.keys.to(u.device, u.dtype).T - self.thresholds.to(u.device, u.dtype)  # (B, T, K)
+        margins = [u @ self.keys.to(u.device, u.dtype).T - self.thresholds.to(u.device, u.dtype)]  # (B, T, K)
+        chapters = [self.chapters]
+        if self.pair_keys is not None and len(self.pair_keys) and prev is not None:
+            pk = self.pair_keys.to(u.device, u.dtype)
+            margins.append(torch.minimum(prev @ pk[:, 0].T, u @ pk[:, 1].T)
+                           - self.pair_thresholds.to(u.device, u.dtype))
+            chapters.append(self.pair_chapters)
+        margin = torch.cat(margins, -1)
+        if not margin.shape[-1]:
+            return torch.full(h.shape[:2], NO_EVENT, dtype=torch.long, device=h.device)
         if self.chapters is None:
             return torch.where((margin > 0).any(-1), 0, NO_EVENT)
         best = margin.max(-1)
-        return torch.where(best.values > 0, self.chapters.to(u.device)[best.indices], NO_EVENT)
+        return torch.where(best.values > 0, torch.cat(chapters).to(u.device)[best.indices], NO_EVENT)
 
     def observe(self, h: torch.Tensor, ids: torch.Tensor | None, past: int, anchor: bool = False) -> None:
         """The scope of this forward's positions (`reads`), from the states h (B, T, d) at the first memory layer,
         the input ids (end-of-sequence closes it; None: no ids) and `past` positions already in the KV cache.
         `anchor`: also each position's `anchor`, the mean unit state of the positions that matched a key since
         its scope opened (`_anchors`)."""
-        event = self.matches(h)
+        if past and (self.state is None or self.state.shape[0] != h.shape[0] or self.state.shape[1] < past):
+            raise ValueError("memory.scope keys: a KV cache of positions this model did not see; start the "
+                             "sequence without past_key_values")
+        prev = None
+        if self.pair_keys is not None:  # the previous position of the first one is the cache's last
+            u = F.normalize(h.detach().float(), dim=-1)
+            first = self.units[:, past - 1:past] if past else torch.zeros_like(u[:, :1])
+            prev = torch.cat([first, u[:, :-1]], dim=1)
+            self.units = torch.cat([self.units[:, :past], u], dim=1) if past else u
+        event = self.matches(h, prev)
         if ids is not None and self.eos is not None:
             event = torch.where(ids[:, -h.shape[1]:] == self.eos, NO_READ, event)
         if past:
-            if self.state is None or self.state.shape[0] != h.shape[0] or self.state.shape[1] < past:
-                raise ValueError("memory.scope keys: a KV cache of positions this model did not see; start the "
-                                 "sequence without past_key_values")
             before = self.state[:, past - 1]
             new = last_event(event, before)
             self.state = torch.cat([self.state[:, :past], new], dim=1)  # a cropped cache drops the rest

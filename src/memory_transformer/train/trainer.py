@@ -214,7 +214,8 @@ class Trainer:
         counts = model.to(self.acc.device).fit_scope(self.data.train_examples(0), background,
                                                      self.train_cfg.batch_size, self.cfg.data.seed)
         if self.acc.is_main_process:
-            print(f"memory.scope keys: {counts['keys']:,} keys from {counts['taught_states']:,} taught states "
+            pairs = f" and {counts['pair_keys']:,} pair keys" if "pair_keys" in counts else ""
+            print(f"memory.scope keys: {counts['keys']:,} keys{pairs} from {counts['taught_states']:,} taught states "
                   f"against {counts['background_states']:,} background states")
 
     def _total_steps(self) -> int:
