@@ -13,7 +13,7 @@ from memory_transformer import build_model
 from memory_transformer.cli import main
 from memory_transformer.data.tokenizer import ByteTokenizer
 from memory_transformer.io import load_model
-from memory_transformer.teach import documents, pair_items, read_facts, repeated
+from memory_transformer.teach import EPOCH_BATCHES, documents, pair_items, read_facts, repeated
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "teach.yaml")
 FACTS = [{"question": "Where was Ada Lee Moss born?", "answer": "Oslo"},
@@ -90,6 +90,27 @@ def test_pairs_become_documents_and_probes_and_repeat_to_fill_a_batch():
     per_pass = sum(len(d.encode()) + 1 for d in documents(records))
     assert len(docs) == 3 * -(-1000 // per_pass) and sorted(docs[:3]) == sorted(documents(records))
     assert repeated(documents(records), tok, 1, seed=0) == repeated(documents(records), tok, 1, seed=0)
+
+
+def test_teach_steps_grow_with_the_facts_given(tmp_path, saved_base):
+    """configs/teach.yaml trains training.num_epochs epochs, each at least EPOCH_BATCHES batches: a few facts
+    train num_epochs x EPOCH_BATCHES steps, more facts more steps (one pass over them per epoch)."""
+    from memory_transformer.data import pack_documents
+
+    base, steps = saved_base("qwen2"), {}
+    many = [{"question": f"Where was person number {i} born?", "answer": f"Town {i}"} for i in range(60)]
+    for name, facts in (("few", FACTS), ("many", many)):
+        out = tmp_path / name
+        args = [*TINY[2:], "--set", "training.num_epochs=3"]  # TINY without training.max_steps
+        assert "training.max_steps=2" not in args
+        assert main(["teach", "--base", str(base), "--data", _write(tmp_path / f"{name}.jsonl", facts), "--out",
+                     str(out), "--config", CONFIG, *args]) == 0
+        docs = [json.loads(line)["text"] for line in (out / "documents.jsonl").read_text().splitlines()]
+        rows = len(pack_documents(docs, ByteTokenizer(), 64)["input_ids"])
+        steps[name] = json.loads((out / "result.json").read_text())["steps"]
+        assert steps[name] == 3 * (rows // 2)  # num_epochs x batches per epoch (batch_size 2)
+    assert steps["few"] == 3 * EPOCH_BATCHES
+    assert steps["many"] > 3 * EPOCH_BATCHES  # 60 pairs fill more than 2 batches in one pass
 
 
 def read_facts_from(records: list[dict]) -> list[dict]:
