@@ -135,6 +135,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[20, 100], help="--scope: new people (one or two sizes)")
     p.add_argument("--old", type=int, default=20, help="--scope: people the base learns")
     p.add_argument("--rounds", type=int, default=5, help="--scope: sequential rounds (1 = none)")
+    p.add_argument("--methods", nargs="+", help="--scope: only these of memory, keys, subject, lora, lora-gated "
+                                                 "(default: all; without lora no wall-clock ratio)")
     p.add_argument("--prose", type=int, default=32, help="--scope: stdlib prose paragraphs for the KL")
     p.add_argument("--base-prose", type=float, default=0.2,
                    help="--scope: data.prose_fraction of the base's pretraining (real text to be disturbed on)")

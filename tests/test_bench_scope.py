@@ -6,6 +6,8 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
 import scope  # noqa: E402
@@ -18,6 +20,9 @@ def test_methods_and_chapters():
     assert "memory.routing=sequence" in m["memory"] and "memory.num_chapters=32" in m["subject"]
     assert "lora.gate=subject" in m["lora-gated"]
     assert [scope.subject_chapters(n, 1024) for n in (1, 20, 100, 1000)] == [1, 32, 128, 128]
+    assert list(scope.methods(32, ["lora", "keys"])) == ["lora", "keys"]
+    with pytest.raises(ValueError, match="--methods: unknown gate; choose from memory, keys, subject, lora, lora-gated"):
+        scope.methods(32, ["keys", "gate"])
 
 
 def test_table_has_every_goal_row_and_dashes_where_a_measure_does_not_exist():

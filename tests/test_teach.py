@@ -74,7 +74,9 @@ def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenize
     model = load_model(out / "run" / "final")  # the adapter loads back onto the base, with the base's tokenizer
     assert model.config.memory.routing == "keys" and model.config.model.pretrained == str(base)
     assert model.config.memory.scope == "keys" and len(model.memory.scope.keys) > 0  # fitted, saved, loaded
-    assert "memory.scope keys: " in printed
+    assert "memory.scope keys: " in printed and " pair keys from " in printed
+    pairs = model.memory.scope.pair_keys  # memory.scope_pairs (the teach default): (K2, 2, d), saved and loaded
+    assert pairs is not None and len(pairs) > 0 and pairs.shape[1:] == (2, model.memory.scope.keys.shape[1])
     assert isinstance(model.tokenizer, ByteTokenizer) == (tokenizer == "bytes")
 
 
@@ -201,6 +203,9 @@ def test_a_second_round_starts_from_the_first_keeps_its_keys_and_read(tmp_path, 
     assert len(s2.keys) > len(s1.keys) and torch.equal(s2.keys[:len(s1.keys)], s1.keys)  # first round's, then new
     assert s1.chapters.tolist() == [0] * len(s1.keys)
     assert s2.chapters.tolist() == [0] * len(s1.keys) + [1] * (len(s2.keys) - len(s1.keys))
+    p1, p2 = len(s1.pair_keys), len(s2.pair_keys)  # the pair keys likewise (memory.scope_pairs)
+    assert p2 > p1 > 0 and torch.equal(s2.pair_keys[:p1], s1.pair_keys)
+    assert s2.pair_chapters.tolist() == [0] * p1 + [1] * (p2 - p1)
     w1, w2 = (load_file(d / "run" / "final" / "adapter_model.safetensors") for d in (first, second))
     attention = [n for n in w1 if ".attn." in n and "router" not in n]
     assert attention and "memory.banks.0.chapters.1" not in w1
