@@ -235,8 +235,8 @@ def test_pair_keys_fit_where_each_half_is_known_but_not_together_with_hand_compu
     # (0, a) -> min(0, 1): 0 -> threshold 0 + 0.5 * (1 - 0); (b, b): (a, b) -> min(0, 1) = 0, (b, a) -> min(1, 0) = 0
     assert torch.equal(scope.pair_keys, torch.tensor([[c, a], [b, b]]))
     assert torch.allclose(scope.pair_thresholds, torch.tensor([0.5, 0.5]))
-    # a position matches a pair key when both halves are within the threshold: (c, a) and (b, b) do, (a, a) does not
-    # (cosine -1 to c), nor does a alone at the first position (no previous state)
+    # a position matches a pair key when both halves are above its threshold: (b, b) does, (a, a) does not (cosine
+    # -1 to c's half), nor does a at the first position (no previous state); then (c, a)
     h = torch.tensor([[a, b, b, a, a]])
     prev = torch.tensor([[[0.0, 0.0], a, b, b, a]])
     assert scope.matches(h, prev).tolist() == [[NO_EVENT, NO_EVENT, 0, NO_EVENT, NO_EVENT]]
@@ -249,7 +249,8 @@ def test_pair_keys_fit_where_each_half_is_known_but_not_together_with_hand_compu
 def test_pair_keys_match_across_a_kv_cache_as_in_the_whole_sequence():
     a, b, n = [1.0, 0.0], [0.0, 1.0], [-0.6, -0.8]
     scope = ScopeKeys(2, 0.5, 0.5, 10, eos=0, pairs=True)
-    scope.extend(torch.zeros(0, 2), torch.zeros(0), pair_keys=torch.tensor([[a, b]]), pair_thresholds=torch.tensor([0.9]))
+    scope.extend(torch.zeros(0, 2), torch.zeros(0), pair_keys=torch.tensor([[a, b]]),
+                 pair_thresholds=torch.tensor([0.9]))
     states = torch.tensor([[n, a, b, n, b, a, n, a, b]])  # the pair (a, b) at positions 2 and 8
     ids = torch.tensor([[5, 5, 5, 5, 0, 5, 5, 5, 5]])  # eos at position 4
     scope.observe(states, ids, past=0)

@@ -116,7 +116,7 @@ class ScopeKeys(nn.Module):
         taught, background = F.normalize(taught.float(), dim=-1), F.normalize(background.float(), dim=-1)
         best = _best_cosine(taught, background)  # (N,)
         novel = self._subset((best < self.novelty).nonzero().squeeze(-1), seed)
-        self.keys, self.thresholds = self._codebook(taught[novel], best[novel], self.keys, self.thresholds)
+        self.keys, self.thresholds = self._with_thresholds(taught[novel], best[novel], self.keys, self.thresholds)
         if self.chapters is not None:
             self.chapters = torch.full((len(novel),), chapter, dtype=torch.long, device=self.chapters.device)
         counts = {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
@@ -130,10 +130,11 @@ class ScopeKeys(nn.Module):
         pair_best = _best_cosine(taught[candidates], background, taught_prev[candidates], background_prev)
         chosen = self._subset((pair_best < self.novelty).nonzero().squeeze(-1), seed)
         pairs = torch.stack([taught_prev[candidates[chosen]], taught[candidates[chosen]]], dim=1)  # (K2, 2, d)
-        self.pair_keys, self.pair_thresholds = self._codebook(pairs, pair_best[chosen], self.pair_keys,
-                                                              self.pair_thresholds)
+        self.pair_keys, self.pair_thresholds = self._with_thresholds(pairs, pair_best[chosen], self.pair_keys,
+                                                                     self.pair_thresholds)
         if self.pair_chapters is not None:
-            self.pair_chapters = torch.full((len(chosen),), chapter, dtype=torch.long, device=self.pair_chapters.device)
+            self.pair_chapters = torch.full((len(chosen),), chapter, dtype=torch.long,
+                                            device=self.pair_chapters.device)
         return counts | {"pair_keys": len(chosen)}
 
     def _subset(self, candidates: torch.Tensor, seed: int) -> torch.Tensor:
@@ -143,7 +144,7 @@ class ScopeKeys(nn.Module):
         g = torch.Generator().manual_seed(seed)
         return candidates[torch.randperm(len(candidates), generator=g)[: self.max_keys].sort().values]
 
-    def _codebook(self, keys: torch.Tensor, best: torch.Tensor, like_keys: torch.Tensor,
+    def _with_thresholds(self, keys: torch.Tensor, best: torch.Tensor, like_keys: torch.Tensor,
                   like_thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and their thresholds b + radius * (1 - b), b the key's best cosine to the background."""
         return (keys.to(like_keys.device, like_keys.dtype),
@@ -167,7 +168,7 @@ class ScopeKeys(nn.Module):
     def matches(self, h: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, T, d) -> (B, T): the chapter of the best-matching key (the widest margin of cosine over its
         threshold; 0 unrouted), NO_EVENT where no key matches. `prev` (B, T, d): the unit states of the positions
-        before (zeros where none), for the pair keys; a pair matches by the smaller of its two margins' cosines."""
+        before (zeros where none), for the pair keys: a pair key's cosine is the smaller of its two halves'."""
         u = F.normalize(h.detach().float(), dim=-1)
         margins = [u @ self.keys.to(u.device, u.dtype).T - self.thresholds.to(u.device, u.dtype)]  # (B, T, K)
         chapters = [self.chapters]
