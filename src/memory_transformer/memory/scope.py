@@ -48,6 +48,7 @@ from memory_transformer.memory.routing import Decide, Router, Routing
 from memory_transformer.memory.subjects import NO_EVENT, NO_READ, last_event
 
 _CHUNK = 2**26  # similarities per matmul while fitting (256 MB of float32)
+_MATCH_ROWS = 512  # positions scored against the keys at a time (a (512, K) margin, not (B, T, K))
 _CODEBOOK = ("keys", "thresholds", "chapters", "pair_keys", "pair_thresholds", "pair_chapters")
 
 
@@ -167,23 +168,38 @@ class ScopeKeys(nn.Module):
 
     def matches(self, h: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, T, d) -> (B, T): the chapter of the best-matching key (the widest margin of cosine over its
-        threshold; 0 unrouted), NO_EVENT where no key matches. `prev` (B, T, d): the unit states of the positions
-        before (zeros where none), for the pair keys: a pair key's cosine is the smaller of its two halves'."""
-        u = F.normalize(h.detach().float(), dim=-1)
-        margins = [u @ self.keys.to(u.device, u.dtype).T - self.thresholds.to(u.device, u.dtype)]  # (B, T, K)
-        chapters = [self.chapters]
-        if self.pair_keys is not None and len(self.pair_keys) and prev is not None:
+        threshold; 0 unrouted; a tie goes to the first key, single keys before pair keys), NO_EVENT where no key
+        matches. `prev` (B, T, d): the unit states of the positions before (zeros where none), for the pair keys:
+        a pair key's cosine is the smaller of its two halves'. Positions are scored `_MATCH_ROWS` at a time."""
+        B, T, d = h.shape
+        u = F.normalize(h.detach().float(), dim=-1).reshape(B * T, d)
+        keys, thresholds = self.keys.to(u.device, u.dtype).T, self.thresholds.to(u.device, u.dtype)  # (d, K)
+        pairs = self.pair_keys is not None and len(self.pair_keys) > 0 and prev is not None
+        if not keys.shape[1] and not pairs:
+            return torch.full((B, T), NO_EVENT, dtype=torch.long, device=h.device)
+        if pairs:
             pk = self.pair_keys.to(u.device, u.dtype)
-            margins.append(torch.minimum(prev @ pk[:, 0].T, u @ pk[:, 1].T)
-                           - self.pair_thresholds.to(u.device, u.dtype))
-            chapters.append(self.pair_chapters)
-        margin = torch.cat(margins, -1)
-        if not margin.shape[-1]:
-            return torch.full(h.shape[:2], NO_EVENT, dtype=torch.long, device=h.device)
+            before, after, pair_thresholds = pk[:, 0].T, pk[:, 1].T, self.pair_thresholds.to(u.device, u.dtype)
+            prev = prev.reshape(B * T, d).to(u.dtype)
+        values, indices = [], []
+        for start in range(0, B * T, _MATCH_ROWS):
+            part = u[start:start + _MATCH_ROWS]
+            if keys.shape[1]:
+                value, index = (part @ keys - thresholds).max(-1)
+            else:
+                value, index = part.new_full((len(part),), -torch.inf), part.new_zeros(len(part), dtype=torch.long)
+            if pairs:
+                margin = torch.minimum(prev[start:start + _MATCH_ROWS] @ before, part @ after) - pair_thresholds
+                pair_value, pair_index = margin.max(-1)
+                index = torch.where(pair_value > value, pair_index + keys.shape[1], index)
+                value = torch.maximum(value, pair_value)
+            values.append(value)
+            indices.append(index)
+        value, index = torch.cat(values).view(B, T), torch.cat(indices).view(B, T)
         if self.chapters is None:
-            return torch.where((margin > 0).any(-1), 0, NO_EVENT)
-        best = margin.max(-1)
-        return torch.where(best.values > 0, torch.cat(chapters).to(u.device)[best.indices], NO_EVENT)
+            return torch.where(value > 0, 0, NO_EVENT)
+        chapters = torch.cat([self.chapters, self.pair_chapters]) if pairs else self.chapters
+        return torch.where(value > 0, chapters.to(u.device)[index], NO_EVENT)
 
     def observe(self, h: torch.Tensor, ids: torch.Tensor | None, past: int, anchor: bool = False) -> None:
         """The scope of this forward's positions (`reads`), from the states h (B, T, d) at the first memory layer,
