@@ -75,6 +75,7 @@ def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenize
     assert model.config.memory.routing == "keys" and model.config.model.pretrained == str(base)
     assert model.config.memory.scope == "keys" and len(model.memory.scope.keys) > 0  # fitted, saved, loaded
     assert "memory.scope keys: " in printed and " pair keys from " in printed
+    assert "; no eval documents (data.eval_fraction); " in printed and "eval loss nan" not in printed
     pairs = model.memory.scope.pair_keys  # memory.scope_pairs (the teach default): (K2, 2, d), saved and loaded
     assert pairs is not None and len(pairs) > 0 and pairs.shape[1:] == (2, model.memory.scope.keys.shape[1])
     assert isinstance(model.tokenizer, ByteTokenizer) == (tokenizer == "bytes")

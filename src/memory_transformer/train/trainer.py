@@ -376,8 +376,10 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "steps": self.state.step, "wall_time_s": wall, "stop": stop_reason,
                    "param_counts": self.unwrapped.parameter_report()["parameters"], **metrics}
         if self.acc.is_main_process and self.progress:
-            print(f"done: {self.state.step} steps in {wall:.0f}s ({stop_reason}); eval loss "
-                  f"{metrics.get('eval_loss', float('nan')):.4f}; run folder {self.run_dir}")
+            evaluated = (f"eval loss {metrics.get('eval_loss', float('nan')):.4f}"
+                         if len(self.data.eval_examples["input_ids"]) else "no eval documents (data.eval_fraction)")
+            print(f"done: {self.state.step} steps in {wall:.0f}s ({stop_reason}); {evaluated}; run folder "
+                  f"{self.run_dir}")
         return summary
 
     # -- evaluation, best model, early stopping ------------------------------------------------------------------
