@@ -55,3 +55,19 @@ def test_the_base_column_holds_its_own_held_out_recall_only():
     assert lines[0].endswith("columns: keys, base; base: its own (old) people's facts in the held-out phrasings")
     assert "| held-out question phrasing | 50.0% | 12.5% |" in lines
     assert "| old facts kept (share of the base's) | 50.0% | - |" in lines
+
+
+def test_step_times_measure_every_method_on_the_same_batch(tmp_path, saved_base):
+    from conftest import tiny_config
+    from memory_transformer import build_model
+    from memory_transformer.data.synthetic_facts import SyntheticFacts
+
+    base = str(saved_base("llama"))
+    model = {"pretrained": base, "max_seq_len": 64}
+    for name, section in (("keys", {"memory": {"routing": "sequence", "num_chapters": 1, "top_k": 1}}),
+                          ("lora", {"memory": {"enabled": False}, "lora": {"enabled": True, "r": 2}})):
+        cfg = tiny_config("llama", model=model, **section)
+        build_model(cfg, seed=0).save_pretrained(tmp_path / name / "final")
+    teach = tiny_config("llama", model=model, training={"batch_size": 2})
+    times = scope.step_times(tmp_path, ["keys", "lora"], SyntheticFacts(4, 0), teach, repeats=3)
+    assert list(times) == ["keys", "lora"] and all(t > 0 for t in times.values())
