@@ -171,12 +171,16 @@ class ScopeKeys(nn.Module):
         threshold; 0 unrouted; a tie goes to the first key, single keys before pair keys), NO_EVENT where no key
         matches. `prev` (B, T, d): the unit states of the positions before (zeros where none), for the pair keys:
         a pair key's cosine is the smaller of its two halves'. Positions are scored `_MATCH_ROWS` at a time."""
-        B, T, d = h.shape
-        u = F.normalize(h.detach().float(), dim=-1).reshape(B * T, d)
+        return self._matches(F.normalize(h.detach().float(), dim=-1), prev)
+
+    def _matches(self, u: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """`matches` of the unit states u (B, T, d)."""
+        B, T, d = u.shape
+        u = u.reshape(B * T, d)
         keys, thresholds = self.keys.to(u.device, u.dtype).T, self.thresholds.to(u.device, u.dtype)  # (d, K)
         pairs = self.pair_keys is not None and len(self.pair_keys) > 0 and prev is not None
         if not keys.shape[1] and not pairs:
-            return torch.full((B, T), NO_EVENT, dtype=torch.long, device=h.device)
+            return torch.full((B, T), NO_EVENT, dtype=torch.long, device=u.device)
         if pairs:
             pk = self.pair_keys.to(u.device, u.dtype)
             before, after, pair_thresholds = pk[:, 0].T, pk[:, 1].T, self.pair_thresholds.to(u.device, u.dtype)
@@ -209,13 +213,12 @@ class ScopeKeys(nn.Module):
         if past and (self.state is None or self.state.shape[0] != h.shape[0] or self.state.shape[1] < past):
             raise ValueError("memory.scope keys: a KV cache of positions this model did not see; start the "
                              "sequence without past_key_values")
-        prev = None
+        u, prev = F.normalize(h.detach().float(), dim=-1), None  # the unit states: matches, pairs, anchors
         if self.pair_keys is not None:  # the previous position of the first one is the cache's last
-            u = F.normalize(h.detach().float(), dim=-1)
             first = self.units[:, past - 1:past] if past else torch.zeros_like(u[:, :1])
             prev = torch.cat([first, u[:, :-1]], dim=1)
             self.units = torch.cat([self.units[:, :past], u], dim=1) if past else u
-        event = self.matches(h, prev)
+        event = self._matches(u, prev)
         if ids is not None and self.eos is not None:
             event = torch.where(ids[:, -h.shape[1]:] == self.eos, NO_READ, event)
         if past:
@@ -227,19 +230,19 @@ class ScopeKeys(nn.Module):
             self.state = new
         self.read = new
         if anchor:
-            self.anchor = self._anchors(h, event, new, before, past)
+            self.anchor = self._anchors(u, event, new, before, past)
 
-    def _anchors(self, h: torch.Tensor, event: torch.Tensor, read: torch.Tensor, before: torch.Tensor | None,
+    def _anchors(self, u: torch.Tensor, event: torch.Tensor, read: torch.Tensor, before: torch.Tensor | None,
                  past: int) -> torch.Tensor:
-        """(B, T, d): at each position in scope, the mean of the unit states h at the positions that matched a key
+        """(B, T, d): at each position in scope, the mean of the unit states u at the positions that matched a key
         since its scope opened (in practice the parts of a new name: together they tell people apart where one
         part does not), carried from the cache for a scope opened before this forward; 0 out of scope."""
-        B, T, d = h.shape
+        B, T, d = u.shape
         matched = (event >= 0).float()
-        x = F.normalize(h.detach().float(), dim=-1) * matched[..., None]
+        x = u * matched[..., None]
         total, count = x.cumsum(1), matched.cumsum(1)  # (B, T, d), (B, T)
         previous = torch.cat([read.new_full((B, 1), NO_READ) if before is None else before[:, None], read[:, :-1]], 1)
-        positions = torch.arange(T, device=h.device).expand(B, -1)
+        positions = torch.arange(T, device=u.device).expand(B, -1)
         opened = torch.where((read >= 0) & (previous < 0), positions, -1).cummax(dim=1).values  # (B, T)
         at = opened.clamp(min=0)
         pad_t, pad_c = F.pad(total, (0, 0, 1, 0)), F.pad(count, (1, 0))  # the sums before position 0, ..., T-1
