@@ -142,8 +142,10 @@ def step_times(root: Path, names: list[str], facts: SyntheticFacts, teach: Confi
     models = {}
     for name in names:
         model = load_model(root / name / "final").train()
-        trained = [p.requires_grad_(component_of(n) != "base") for n, p in model.named_parameters()]
-        models[name] = (model, torch.optim.AdamW([p for p in trained if p.requires_grad], lr=1e-4, fused=True))
+        for n, p in model.named_parameters():
+            p.requires_grad_(component_of(n) != "base")  # the adapter trains, the base stays frozen
+        adapter = [p for p in model.parameters() if p.requires_grad]
+        models[name] = (model, torch.optim.AdamW(adapter, lr=1e-4, fused=True))
     tokenizer = models[names[0]][0].tokenizer
     ex = pack_documents(facts.train_documents(0, 4 * len(facts.people)), tokenizer, teach.model.max_seq_len)
     batch = {k: ex[k][: teach.training.batch_size] for k in ("input_ids", "attention_mask", "labels")}
