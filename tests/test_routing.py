@@ -145,10 +145,11 @@ def _loop_reference(q, K, V, inverse, gates, slot_top_k=None, null_key=None):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("slot_top_k", [None, 4])
+@pytest.mark.parametrize("slot_top_k,dense", [(None, True), (4, True), (4, False)])  # kept slots: dense, gathered
 @pytest.mark.parametrize("null", [False, True])
 @pytest.mark.parametrize("skewed", [False, True])  # one chapter takes most pairs: padded in size classes
-def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, null, skewed):
+def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, dense, null, skewed, monkeypatch):
+    monkeypatch.setattr(dispatch, "dense_kept", lambda S, m, hd: dense)
     N, U, H, hd, S = 37, 6, 4, 8, 16
     g = torch.Generator().manual_seed(k * 10 + (slot_top_k or 0) + null)
     q = torch.randn(N, H, hd, generator=g, requires_grad=True)
@@ -165,7 +166,9 @@ def test_batched_dispatch_equals_the_per_chapter_loop(k, slot_top_k, null, skewe
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     weight = torch.randn(N, H, hd, generator=g)
     inputs = [q, bank, logits] + ([null_key] if null else [])
-    grads = torch.autograd.grad((got * weight).sum(), inputs, retain_graph=True)
+    # k = 1 without the null slot: the renormalised gate is 1, and the read does not use it at all
+    grads = torch.autograd.grad((got * weight).sum(), inputs, retain_graph=True, allow_unused=True,
+                                materialize_grads=True)
     ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
     for name, a, b in zip(["q", "bank", "gates", "null_key"], grads, ref_grads):
         assert b.abs().sum() > 0 or (name == "gates" and k == 1), name  # k = 1: renormalised gate is 1
@@ -371,7 +374,9 @@ def test_generation_routes_as_trained_unless_inference_routing_says_otherwise(tr
 @pytest.mark.parametrize("skewed", [False, True])  # one chapter takes most tokens: the dispatch's size classes
 def test_kept_rows_gathered_from_the_bank_equal_the_stacked_read(k, skewed, monkeypatch):
     """`MemoryBank.kv_rows` (rows gathered from a no-grad read, gradients written per chapter) against the read
-    through a stacked, differentiable bank: same outputs and gradients, unread chapters get none."""
+    through a stacked, differentiable bank: same outputs and gradients, unread chapters get none. (At these
+    shapes the dense read of the kept slots would be chosen: `dense_kept` is made to say no.)"""
+    monkeypatch.setattr(attention_module, "dense_kept", lambda S, m, hd: False)
     torch.manual_seed(k)
     attn = MemoryAttention(AttentionArgs(32, 32, 4, 16, k, wo_init="normal", routing="token", learned_kv=True,
                                          slot_top_k=4))

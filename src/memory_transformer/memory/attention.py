@@ -24,7 +24,8 @@ from torch import nn
 
 from memory_transformer.config import MemoryConfig
 from memory_transformer.memory.bank import MemoryBank
-from memory_transformer.memory.dispatch import class_order, null_scores, read_tokens, softmax_with_null, take
+from memory_transformer.memory.dispatch import (class_order, dense_kept, null_scores, read_tokens, softmax_with_null,
+                                                take)
 from memory_transformer.memory.routing import Decide, LearnedRouting, Router, Routing
 
 
@@ -360,9 +361,13 @@ class MemoryAttention(nn.Module):
     def _reads_rows(self, bank: MemoryBank) -> bool:
         """Training a float bank of learned K/V with slot top-k: gather the kept rows (`MemoryBank.kv_rows`)
         instead of taking them from a stacked, differentiable copy of every selected chapter. Not with chapters
-        held by other processes (`bank.fetch`, memory.shard_chapters): those come through `read`."""
+        held by other processes (`bank.fetch`, memory.shard_chapters): those come through `read`; nor where the
+        dense read of the kept slots is cheaper (`dispatch.dense_kept`), unless row-sparse gradients are asked for
+        (`MemoryBank.use_sparse_grad`)."""
         return (torch.is_grad_enabled() and self.k is None and bank.kind != "factorized" and not bank.bits
-                and bank.fetch is None and self.slot_top_k is not None and self.slot_top_k < bank.chapter_size)
+                and bank.fetch is None and self.slot_top_k is not None and self.slot_top_k < bank.chapter_size
+                and (bank.sparse_grad or not dense_kept(bank.chapter_size, self.slot_top_k,
+                                                        self.width // self.num_heads)))
 
     def _read_tokens(self, q: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         """Every token attends to its own k chapters, MoE-style dispatch. q (B, T, H, h) -> (B, T, w)."""

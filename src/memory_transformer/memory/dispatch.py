@@ -42,17 +42,23 @@ def read_tokens(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, inverse: torc
                 dropout: float = 0.0, rows=None) -> torch.Tensor:
     """q (N, H, h) reads K, V (U, H, S, h) of its chapters inverse (N, k) (indices into U) with gates (N, k)
     (renormalised over the k here) -> (N, H, h). `slot_top_k` m < S: each pair keeps its best m slots of its
-    chapter (chosen outside autograd, only the kept scores recomputed with it); `null_key` (H, h): a slot
-    of value 0 shared by the token's k chapters. Scores, softmax and merge weights in float32.
-    `rows` (with `slot_top_k`): a function (pair_chapter (P,), slot (P, H, m)) -> the kept keys, values
+    chapter (chosen outside autograd; read dense or gathered, `dense_kept`); `null_key` (H, h): a slot of
+    value 0 shared by the token's k chapters. Scores, softmax and merge weights in float32.
+    `rows` (with `slot_top_k`, gathered): a function (pair_chapter (P,), slot (P, H, m)) -> the kept keys, values
     (P, H, m, h) with autograd (`MemoryBank.kv_rows`); K, V are then only used to choose, outside autograd."""
     N, H, hd = q.shape
     k = inverse.shape[1]
     pair_chapter = inverse.reshape(-1)  # (P,)
-    if slot_top_k is not None and slot_top_k < K.shape[2]:
-        out, lse = _attend_kept(q, K, V, pair_chapter, k, slot_top_k, dropout, rows)
+    q_pairs = q.repeat_interleave(k, dim=0) if k > 1 else q  # (P, H, h)
+    every = slot_top_k is None or slot_top_k >= K.shape[2]
+    merge = k > 1 or null_key is not None  # else the one chapter's share of the token's softmax is exactly 1
+    if every or (rows is None and dense_kept(K.shape[2], slot_top_k, hd)):
+        read = _in_batches(pair_chapter, K, V, q_pairs, _attend_all(dropout, merge, None if every else slot_top_k))
     else:
-        out, lse = _attend_all(q, K, V, pair_chapter, k, dropout)
+        read = _attend_kept(q_pairs, K, V, pair_chapter, slot_top_k, dropout, rows, merge)
+    if not merge:
+        return read
+    out, lse = read
     out, lse = out.view(N, k, H, hd), lse.view(N, k, H)
     g = gates.reshape(N, k, 1)
     # Chapter c's share of the token's softmax over all k*S slots: g_c Z_c / sum_c' g_c' Z_c' (+ the null
@@ -127,22 +133,43 @@ def _in_batches(pair_chapter, K, V, q_pairs, attend):
     return torch.cat(parts)[unsort]
 
 
-def _attend_all(q, K, V, pair_chapter, k, dropout):
-    """Every slot of the pair's chapter: one (U, H, n, S) score tensor. -> out (P, H, h), lse (P, H)."""
-    q_pairs = q.repeat_interleave(k, dim=0) if k > 1 else q  # (P, H, h)
+def dense_kept(S: int, m: int, hd: int) -> bool:
+    """Whether the read of a pair's best m of S slots (head width hd) runs dense: all S scores with autograd and
+    the kept probabilities scattered into an S-wide row (`_attend_all` with m), rather than gathering the m kept
+    keys and values per pair (`_attend_kept`). The gather moves 2 m hd numbers a pair and head, the dense read
+    S (in matmuls); measured side by side (fwd + bwd, one thread), dense is 2-3x faster at S = m hd and
+    about even at S = 2 m hd, the gather 2x faster at S = 8 m hd."""
+    return S < 2 * m * hd
 
+
+def _attend_all(dropout: float, with_lse: bool, m: int | None = None):
+    """attend (for `_in_batches`): every slot of the pair's chapter, one (U, H, n, S) score tensor, or (`m`) its best
+    m slots, chosen from those scores outside autograd; the kept ones' probabilities are scattered back into S-wide
+    rows (0 elsewhere: no gradient reaches the others) for one dense matmul with V.
+    -> out (P, H, h), and lse (P, H) when `with_lse`."""
     def attend(q_pairs, pair_chapter, K, V):
         U, H, S, hd = K.shape
         pair, row, n = padded_groups(pair_chapter, U)
         qp = _padded_queries(q_pairs, pair, U, n)  # (U, H, n, h)
-        scores = (qp @ K.transpose(-1, -2)).float() * hd ** -0.5  # (U, H, n, S)
-        lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)  # (U, H, n), (U, H, n, S)
+        scores = qp @ K.transpose(-1, -2)  # (U, H, n, S)
+        if m is None:
+            scores = scores.float() * hd ** -0.5
+            probs = scores.softmax(dim=-1)  # (U, H, n, S)
+        else:
+            with torch.no_grad():  # (the scale does not change the order)
+                slot = scores.topk(m, dim=-1, sorted=False).indices  # (U, H, n, m)
+            scores = scores.gather(-1, slot).float() * hd ** -0.5  # the kept ones, (U, H, n, m)
+            probs = scores.softmax(dim=-1)
         if dropout:
             probs = F.dropout(probs, dropout)
-        out = probs.to(V.dtype) @ V  # (U, H, n, h)
-        return out.transpose(1, 2).reshape(U * n, H, hd)[row], lse.transpose(1, 2).reshape(U * n, H)[row]
+        if m is not None:
+            probs = torch.zeros(U, H, n, S, dtype=V.dtype, device=V.device).scatter_(-1, slot, probs.to(V.dtype))
+        out = (probs.to(V.dtype) @ V).transpose(1, 2).reshape(U * n, H, hd)[row]  # (P, H, h)
+        if not with_lse:
+            return out
+        return out, scores.logsumexp(dim=-1).transpose(1, 2).reshape(U * n, H)[row]
 
-    return _in_batches(pair_chapter, K, V, q_pairs, attend)
+    return attend
 
 
 def _best_slots(q_pairs, pair_chapter, K, m):
@@ -174,17 +201,17 @@ def _rows_of(K: torch.Tensor, V: torch.Tensor):
     return rows
 
 
-def _attend_kept(q, K, V, pair_chapter, k, m, dropout, rows=None):
+def _attend_kept(q_pairs, K, V, pair_chapter, m, dropout, rows, with_lse):
     """Each pair's best m slots of its chapter. All scores are computed to choose, outside autograd (padded,
     batched); the kept keys and values are gathered per pair straight from K, V (no copy of the bank) and
     only their m scores recomputed with autograd, so the backward pass costs m per pair, not S.
-    -> out (P, H, h), lse (P, H)."""
+    -> out (P, H, h), and lse (P, H) when `with_lse`."""
     hd = K.shape[3]
-    q_pairs = q.repeat_interleave(k, dim=0) if k > 1 else q  # (P, H, h)
     slot = _best_slots(q_pairs, pair_chapter, K, m)  # (P, H, m)
     keys, values = (rows or _rows_of(K, V))(pair_chapter, slot)  # (P, H, m, h)
     scores = (q_pairs[:, :, None, :] * keys).sum(-1).float() * hd ** -0.5  # (P, H, m)
-    lse, probs = scores.logsumexp(dim=-1), scores.softmax(dim=-1)
+    probs = scores.softmax(dim=-1)
     if dropout:
         probs = F.dropout(probs, dropout)
-    return (probs.to(values.dtype)[..., None] * values).sum(-2), lse  # (P, H, h), (P, H)
+    out = (probs.to(values.dtype)[..., None] * values).sum(-2)  # (P, H, h)
+    return (out, scores.logsumexp(dim=-1)) if with_lse else out
