@@ -18,6 +18,7 @@ import torch
 
 from memory_transformer.data.synthetic_facts import SyntheticFacts
 from memory_transformer.io import load_model
+from memory_transformer.recall import prompt_ids
 
 
 def read_stats(model, items, layer: int) -> dict:
@@ -31,8 +32,9 @@ def read_stats(model, items, layer: int) -> dict:
     tok = model.tokenizer
     try:
         for it in items:
-            ids = torch.tensor([tok.encode(it.prompt + it.answer, add_special_tokens=False)], device=model.device)
-            pos = len(tok.encode(it.prompt, add_special_tokens=False)) - 1
+            prompt = prompt_ids(tok, it.prompt)  # as recall scores it: a document's start
+            ids = torch.tensor([prompt + tok.encode(it.answer, add_special_tokens=False)], device=model.device)
+            pos = len(prompt) - 1
             with torch.no_grad():
                 model(ids)
                 x = block.norm(captured["h"][:, pos])  # (1, d)

@@ -17,6 +17,7 @@ from memory_transformer.data.synthetic_facts import (
 from memory_transformer.knowledge import (
     alias_recall, biographies, kept_share, kl_to_base, round_ranges, scope_coverage, stdlib_prose,
 )
+from memory_transformer.recall import prompt_ids
 
 
 def test_demo_corpus_is_unchanged_by_the_corpus_option():
@@ -144,12 +145,12 @@ def test_scope_coverage_is_the_share_of_prompts_whose_last_position_is_in_scope(
     found = []
     handle = norm.register_forward_pre_hook(lambda m, args: found.append(args[0]))
     with torch.no_grad(), model.adapters_disabled():
-        model(torch.tensor([tok.encode("Ada Moss was", add_special_tokens=False)]))
+        model(torch.tensor([prompt_ids(tok, "Ada Moss was")]))  # as scored: after eos
     handle.remove()
     scope = model.memory.scope
-    scope.keys, scope.thresholds = F.normalize(found[0][0, 4:5], dim=-1), torch.tensor([0.9999])  # the state at "M"
+    scope.keys, scope.thresholds = F.normalize(found[0][0, 5:6], dim=-1), torch.tensor([0.9999])  # the state at "M"
     items = [RecallItem(p, " x", "Ada", "city", 1.0) for p in ("Ada Moss was", "Bob", "Ada Moss", "Cy")]
-    # "Ada Moss was" opens at its 5th token ("M") and stays open, so does "Ada Moss" (left-padded in its batch);
+    # "Ada Moss was" opens at its 5th token ("M", after eos) and stays open, so does "Ada Moss" (left-padded in its batch);
     # the others never open
     assert scope_coverage(model, tok, items, batch_size=3) == 0.5
     assert scope_coverage(build_model(tiny_config(memory={"enabled": False})), tok, items) is None

@@ -9,7 +9,7 @@ from torch import nn
 
 from memory_transformer.data.synthetic_facts import RecallItem, SyntheticFacts
 from memory_transformer.data.tokenizer import ByteTokenizer
-from memory_transformer.recall import recall
+from memory_transformer.recall import prompt_ids, recall
 
 TOK = ByteTokenizer()
 
@@ -96,6 +96,21 @@ def test_decoding_stops_once_every_answer_is_decided():
     assert recall(nobody, TOK, items, batch_size=2)["correct"] == 0 and nobody.calls == 1
 
 
+def test_a_prompt_is_scored_as_the_start_of_a_document_after_eos():
+    assert prompt_ids(TOK, "Q?") == [TOK.eos_token_id, ord("Q"), ord("?")]  # as pack_documents starts documents
+    no_eos = SimpleNamespace(eos_token_id=None, encode=TOK.encode)
+    assert prompt_ids(no_eos, "Q?") == [ord("Q"), ord("?")]
+    seen = []
+
+    class Recording(LookupModel):
+        def forward(self, input_ids, attention_mask):
+            seen.append([row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)])
+            return super().forward(input_ids, attention_mask)
+
+    assert recall(Recording({"Q?": " Oslo"}), TOK, [ITEMS[2]])["correct"] == 1
+    assert seen[0] == [[TOK.eos_token_id, *TOK.encode("Q?")]]  # the first forward: the prompt alone
+
+
 def test_knows_nothing_and_empty():
     assert recall(LookupModel({}), TOK, ITEMS)["correct"] == 0
     assert recall(LookupModel({}), TOK, []) == {"recall": 0.0, "correct": 0, "total": 0, "bits": 0, "by_attribute": {}}
@@ -131,7 +146,7 @@ def test_left_padding_matches_unpadded_greedy_on_a_real_model():
     model = LlamaForCausalLM(cfg).eval()
     tok, items = AnswerIdsTokenizer(), []
     for i, prompt in enumerate(["a", "hello there", "The birthplace of someone is"]):
-        ids = torch.tensor([TOK.encode(prompt)])
+        ids = torch.tensor([[TOK.eos_token_id, *TOK.encode(prompt)]])  # a document's start, as recall prompts
         for _ in range(4):  # the answer is the model's own greedy continuation without padding
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
         tok.answers[f"<{i}>"] = ids[0, -4:].tolist()

@@ -22,7 +22,7 @@ from memory_transformer.data.prose import stdlib_prose  # noqa: F401  (re-export
 from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
 from memory_transformer.data.tokenizer import left_pad
 from memory_transformer.model import eval_mode
-from memory_transformer.recall import recall
+from memory_transformer.recall import prompt_ids, recall
 
 
 def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | None]:
@@ -39,14 +39,14 @@ def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | N
 def scope_coverage(model, tokenizer, items: list, batch_size: int = 32) -> float | None:
     """memory.scope keys: the share of `items` whose prompt's last position is in scope (where the first answer
     token is generated: the memory reads there, or adds exactly 0); None without scope keys. Prompts are batched
-    left-padded and prefilled by `generate`, as `recall.recall` scores them."""
+    left-padded (`recall.prompt_ids`) and prefilled by `generate`, as `recall.recall` scores them."""
     scope = getattr(getattr(model, "memory", None), "scope", None)
     if scope is None or not items:
         return None
     inside = 0
     with eval_mode(model):
         for start in range(0, len(items), batch_size):
-            prompts = [tokenizer.encode(it.prompt, add_special_tokens=False) for it in items[start:start + batch_size]]
+            prompts = [prompt_ids(tokenizer, it.prompt) for it in items[start:start + batch_size]]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)  # one forward: the prompt's

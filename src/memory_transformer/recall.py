@@ -40,9 +40,18 @@ def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, prog
     }
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A probe's prompt as the start of a document: after the end-of-sequence token, as `pack_documents` puts one
+    before every training document (and `sample_documents` starts from one). Without it the prompt's first token
+    has no context, which training never shows: the taught read then mixes up questions that differ only in their
+    first words (docs/experiments.md, issue 17 ninth pass)."""
+    start = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return start + tokenizer.encode(prompt, add_special_tokens=False)
+
+
 @torch.no_grad()
 def _score_batch(model, tokenizer, items: list[RecallItem]) -> list[bool]:
-    prompts = [tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
+    prompts = [prompt_ids(tokenizer, it.prompt) for it in items]
     answers = [tokenizer.encode(it.answer, add_special_tokens=False) for it in items]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, _device(model))
     # Greedy decoding through the model's own generate (KV cache; positions from the attention mask), the same
