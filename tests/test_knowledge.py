@@ -150,7 +150,7 @@ def test_scope_coverage_is_the_share_of_prompts_whose_last_position_is_in_scope(
     scope = model.memory.scope
     scope.keys, scope.thresholds = F.normalize(found[0][0, 5:6], dim=-1), torch.tensor([0.9999])  # the state at "M"
     items = [RecallItem(p, " x", "Ada", "city", 1.0) for p in ("Ada Moss was", "Bob", "Ada Moss", "Cy")]
-    # "Ada Moss was" opens at its 5th token ("M", after eos) and stays open, so does "Ada Moss" (left-padded in its batch);
-    # the others never open
+    # "Ada Moss was" opens at "M" (position 5: eos comes first) and stays open, so does "Ada Moss" (left-padded in
+    # its batch); the others never open
     assert scope_coverage(model, tok, items, batch_size=3) == 0.5
     assert scope_coverage(build_model(tiny_config(memory={"enabled": False})), tok, items) is None
