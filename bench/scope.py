@@ -28,6 +28,7 @@ ROWS = [  # (key, label, format); {n1}/{n2} are the two sizes, {r} the rounds
     ("kept", "old facts kept (share of the base's)", "{:.1%}"),
     *[(f"alias_{f}", f"alias recall: {f}", "{:.1%}") for f in ALIAS_FORMS],
     ("recall_new_heldout", "held-out question phrasing", "{:.1%}"),
+    ("heldout_person", "held-out questions answered with a fact of the person asked (any attribute)", "{:.1%}"),
     ("scope_new", "new questions in scope (scope keys: the ceiling of their recall)", "{:.1%}"),
     ("scope_heldout", "held-out questions in scope", "{:.1%}"),
     ("kl_old_bios", "KL(base || model) per token, old bios (nats)", "{:.4f}"),
@@ -79,7 +80,7 @@ def run_seed(args, seed: int) -> dict[str, dict]:
             rows[name] = probes[name]
             if args.rounds > 1:
                 rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"]))
-        rows["base"] = {"recall_new_heldout": _base_heldout(root, teach, args)}
+        rows["base"] = _base_heldout(root, teach, args)
     return rows
 
 
@@ -98,8 +99,8 @@ def _configs(args, seed: int, n: int) -> tuple[Config, Config]:
 
 def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
     from memory_transformer.io import load_model
-    from memory_transformer.knowledge import (alias_recall, biographies, kept_share, kl_to_base, scope_coverage,
-                                              stdlib_prose)
+    from memory_transformer.knowledge import (alias_recall, biographies, kept_share, kl_to_base, person_recall,
+                                              scope_coverage, stdlib_prose)
 
     d = teach.data
     corpus = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
@@ -112,11 +113,13 @@ def _probe(root: Path, teach: Config, args, results: dict) -> dict[str, dict]:
         model = load_model(root / name / "final")
         T = model.config.model.max_seq_len
         aliases = alias_recall(model, model.tokenizer, new)
+        heldout = new.recall_items("qa", True)
         out[name] = {"recall_new": r["recall_new"], "recall_new_heldout": r["recall_new_heldout"],
+                     "heldout_person": person_recall(model, model.tokenizer, new, heldout),
                      "kept": kept_share(r["recall_old"], results["base"]["recall_old"]),
                      **{f"alias_{f}": v for f, v in aliases.items()},
                      "scope_new": scope_coverage(model, model.tokenizer, new.recall_items("qa")),
-                     "scope_heldout": scope_coverage(model, model.tokenizer, new.recall_items("qa", True)),
+                     "scope_heldout": scope_coverage(model, model.tokenizer, heldout),
                      "kl_old_bios": kl_to_base(model, model.tokenizer, bios, T),
                      "kl_prose": kl_to_base(model, model.tokenizer, prose, T)}
     steps = step_times(root, [name for name in results if name != "base"], new, teach)
@@ -160,16 +163,20 @@ def step_times(root: Path, names: list[str], facts: SyntheticFacts, teach: Confi
     return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
-def _base_heldout(root: Path, teach: Config, args) -> float:
-    """The base on its own (old) people's facts asked in the held-out phrasings: how far the base itself carries a
-    fact it knows to a wording it never saw, which a read of its states starts from (docs/experiments.md)."""
-    from memory_transformer.evaluate import fact_recall
+def _base_heldout(root: Path, teach: Config, args) -> dict[str, float]:
+    """The base on its own (old) people's facts asked in the held-out phrasings, recall and answers about the person
+    asked: how far the base itself carries a fact it knows to a wording it never saw, which a read of its states
+    starts from (docs/experiments.md)."""
     from memory_transformer.io import load_model
+    from memory_transformer.knowledge import person_recall
+    from memory_transformer.recall import recall
 
     d = teach.data
     old = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus).subset(0, args.old)
     model = load_model(root / "base" / "final")
-    return fact_recall(model, model.tokenizer, old, ["recall_qa_heldout"])["recall_qa_heldout"]
+    items = old.recall_items("qa", True)
+    return {"recall_new_heldout": recall(model, model.tokenizer, items)["recall"],
+            "heldout_person": person_recall(model, model.tokenizer, old, items)}
 
 
 def _rounds(root: Path, teach: Config, overrides: list[str], name: str, args, base_old: float) -> dict:

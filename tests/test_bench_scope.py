@@ -31,7 +31,7 @@ def test_table_has_every_goal_row_and_dashes_where_a_measure_does_not_exist():
     row = {k: 0.5 for k in keys} | {"alias_no_middle": None}
     text = scope.table([{"memory": row, "lora": row}, {"memory": row, "lora": row}], args)
     lines = text.splitlines()
-    assert len(lines) == 3 + len(keys) == 3 + 14
+    assert len(lines) == 3 + len(keys) == 3 + 15
     assert "| new-fact QA recall, 100 new people | 50.0% ± 0.0% | 50.0% ± 0.0% |" in lines
     assert "| alias recall: no_middle | - | - |" in lines and "5 rounds: recall" in text
     short = Namespace(sizes=[20], rounds=1, corpus="confirm", old=20)
@@ -47,13 +47,15 @@ def test_the_second_size_gets_the_same_steps_per_person():
     assert base.data.prose_fraction == 0.2 and base.data.people == [0, 20] and base.training.max_steps == 1000
 
 
-def test_the_base_column_holds_its_own_held_out_recall_only():
+def test_the_base_column_holds_its_own_held_out_figures_only():
     args = Namespace(sizes=[20], rounds=1, corpus="demo", old=20)
     keys = [k for k, _, _ in scope.labels(args)]
-    text = scope.table([{"keys": {k: 0.5 for k in keys}, "base": {"recall_new_heldout": 0.125}}], args)
+    base = {"recall_new_heldout": 0.125, "heldout_person": 0.75}
+    text = scope.table([{"keys": {k: 0.5 for k in keys}, "base": base}], args)
     lines = text.splitlines()
     assert lines[0].endswith("columns: keys, base; base: its own (old) people's facts in the held-out phrasings")
     assert "| held-out question phrasing | 50.0% | 12.5% |" in lines
+    assert "| held-out questions answered with a fact of the person asked (any attribute) | 50.0% | 75.0% |" in lines
     assert "| old facts kept (share of the base's) | 50.0% | - |" in lines
 
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from memory_transformer import build_model
 from memory_transformer.data.synthetic_facts import (
-    ALIAS_FORMS, CORPORA, FIRST_NAMES, LAST_NAMES, QUESTIONS, Person, RecallItem, SyntheticFacts,
+    ALIAS_FORMS, ATTRIBUTES, CORPORA, FIRST_NAMES, LAST_NAMES, QUESTIONS, Person, RecallItem, SyntheticFacts,
 )
 from memory_transformer.knowledge import (
-    alias_recall, biographies, kept_share, kl_to_base, round_ranges, scope_coverage, stdlib_prose,
+    alias_recall, biographies, kept_share, kl_to_base, person_recall, round_ranges, scope_coverage, stdlib_prose,
 )
-from memory_transformer.recall import prompt_ids
+from memory_transformer.recall import prompt_ids, recall
 
 
 def test_demo_corpus_is_unchanged_by_the_corpus_option():
@@ -154,3 +154,20 @@ def test_scope_coverage_is_the_share_of_prompts_whose_last_position_is_in_scope(
     # its batch); the others never open
     assert scope_coverage(model, tok, items, batch_size=3) == 0.5
     assert scope_coverage(build_model(tiny_config(memory={"enabled": False})), tok, items) is None
+
+
+def test_person_recall_counts_answers_that_are_any_fact_of_the_person_asked():
+    from test_recall import TOK, LookupModel
+
+    facts = SyntheticFacts(3, seed=0)
+    ada, bo = facts.people[0], facts.people[1]
+    items = facts.recall_items("qa", held_out=True)[:4]  # Ada's held-out birth date, birth city, university, major
+    assert {it.person for it in items} == {ada.name}
+    others = {getattr(ada, a) for a in ATTRIBUTES}
+    stranger = next(getattr(bo, a) for a in ATTRIBUTES if getattr(bo, a) not in others)
+    model = LookupModel({items[0].prompt: " " + ada.birth_date,  # right
+                         items[1].prompt: " " + ada.employer,  # her employer, asked her birth city: hers
+                         items[2].prompt: " " + stranger})  # someone else's: not hers; items[3]: "#", nobody's
+    assert person_recall(model, TOK, facts, items) == 0.5
+    assert recall(model, TOK, items)["correct"] == 1
+    assert person_recall(model, TOK, facts, []) is None

@@ -9,7 +9,7 @@ from torch import nn
 
 from memory_transformer.data.synthetic_facts import RecallItem, SyntheticFacts
 from memory_transformer.data.tokenizer import ByteTokenizer
-from memory_transformer.recall import prompt_ids, recall
+from memory_transformer.recall import answered, prompt_ids, recall
 
 TOK = ByteTokenizer()
 
@@ -76,6 +76,13 @@ def test_two_of_three_correct(batch_size):
     assert out["recall"] == pytest.approx(2 / 3, abs=1e-12)
     assert out["bits"] == 11.5
     assert out["by_attribute"] == {"birth_city": 0.5, "employer": 1.0}
+
+
+def test_answered_is_recalls_test_per_item_and_reports_each_batch():
+    model = LookupModel({ITEMS[0].prompt: " Paris", ITEMS[1].prompt: " Acme", ITEMS[2].prompt: " Osla"})
+    sizes = []
+    assert answered(model, TOK, ITEMS, batch_size=2, done=sizes.append) == [True, True, False]
+    assert sizes == [2, 1]
 
 
 def test_decodes_exactly_answer_length_and_restores_mode():

@@ -2,7 +2,9 @@
 
 - reliability: recall of the taught facts as taught (`recall.recall` on the training questions);
 - generalization: recall when a taught person is named by an alias training never used (`alias_recall`), or
-  asked with a held-out question (`SyntheticFacts.recall_items(held_out=True)`);
+  asked with a held-out question (`SyntheticFacts.recall_items(held_out=True)`), and the share of such questions
+  answered with a fact of the person asked about, whichever (`person_recall`): whom the answer is about apart
+  from what it answers;
 - locality: KL(base || model) per token on text that names no taught subject (`kl_to_base` on old
   biographies, `biographies`, and on real prose, `stdlib_prose`), and the share of the base's old-fact recall
   that survives (`kept_share`);
@@ -13,16 +15,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 import torch.nn.functional as F
 
 from memory_transformer.data.prose import stdlib_prose  # noqa: F401  (re-exported: a locality probe)
-from memory_transformer.data.synthetic_facts import ALIAS_FORMS, SyntheticFacts
+from memory_transformer.data.synthetic_facts import ALIAS_FORMS, ATTRIBUTES, RecallItem, SyntheticFacts
 from memory_transformer.data.tokenizer import left_pad
 from memory_transformer.model import eval_mode
-from memory_transformer.recall import prompt_ids, recall
+from memory_transformer.recall import answered, prompt_ids, recall
 
 
 def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | None]:
@@ -33,6 +36,21 @@ def alias_recall(model, tokenizer, facts: SyntheticFacts) -> dict[str, float | N
         items = facts.alias_items(form)
         out[form] = recall(model, tokenizer, items)["recall"] if items else None
     return out
+
+
+def person_recall(model, tokenizer, facts: SyntheticFacts, items: list[RecallItem]) -> float | None:
+    """The share of `items` (questions about `facts`' people) whose greedy answer is exactly one of the asked
+    person's values, of any attribute: the answer is about the right person, whether or not about the asked
+    attribute. None without items. On held-out phrasings the attribute is where every method fails alike
+    (docs/experiments.md, issue 17 tenth pass), so this share is what tells a read that finds the person from one
+    that does not. (A value the person shares with someone else, e.g. a city, counts as the person's.)"""
+    if not items:
+        return None
+    people = {p.name: p for p in facts.people}
+    asked = [dataclasses.replace(it, answer=" " + getattr(people[it.person], a), attribute=a)
+             for it in items for a in ATTRIBUTES]
+    hits, n = answered(model, tokenizer, asked), len(ATTRIBUTES)
+    return sum(any(hits[i * n:(i + 1) * n]) for i in range(len(items))) / len(items)
 
 
 @torch.no_grad()

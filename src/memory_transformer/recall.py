@@ -22,12 +22,8 @@ def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, prog
     """
     from tqdm.auto import tqdm
 
-    hits: list[bool] = []
-    bar = tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    with eval_mode(model), bar:
-        for start in range(0, len(items), batch_size):
-            hits += _score_batch(model, tokenizer, items[start : start + batch_size])
-            bar.update(len(items[start : start + batch_size]))
+    with tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        hits = answered(model, tokenizer, items, batch_size, bar.update)
     per_attr: dict[str, list[bool]] = defaultdict(list)
     for item, hit in zip(items, hits):
         per_attr[item.attribute].append(hit)
@@ -38,6 +34,19 @@ def recall(model, tokenizer, items: list[RecallItem], batch_size: int = 32, prog
         "bits": sum(item.bits for item, hit in zip(items, hits) if hit),
         "by_attribute": {a: sum(h) / len(h) for a, h in per_attr.items()},
     }
+
+
+def answered(model, tokenizer, items: list[RecallItem], batch_size: int = 32, done=None) -> list[bool]:
+    """Per item, `recall`'s test: do the greedy tokens after its prompt spell exactly its answer? `done(n)` is
+    called after each batch of n items (a progress bar's update)."""
+    hits: list[bool] = []
+    with eval_mode(model):
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            hits += _score_batch(model, tokenizer, batch)
+            if done is not None:
+                done(len(batch))
+    return hits
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
