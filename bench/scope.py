@@ -1,5 +1,6 @@
 """The goal table of issue 17 (learned scope) for `bench/evidence.py --scope`: per method, new-fact recall at two
-sizes, old facts kept, alias recall per alias form, held-out phrasing, KL(base || model) on old biographies and on
+sizes, old facts kept, alias recall per alias form, held-out phrasing (recall, and the share answered with a fact of
+the person asked, whichever), KL(base || model) on old biographies and on
 stdlib prose, sequential teaching in rounds, and the training step time relative to LoRA's, measured side by side.
 
 Each size runs the adapter demo (`demo.run_adapter_demo`: a base learns `old` people, each method teaches it `n`
