@@ -8,6 +8,7 @@ and tokens/s, plus a plot.
     python bench/evidence.py --scratch --seeds 0 1 2 [--config configs/demo.yaml] [--out runs/evidence-scratch] ...
     python bench/evidence.py --scope --seeds 0 1 2 [--corpus demo|confirm] [--sizes 20 100] [--old 20] [--rounds 5]
                              [--prose 32] [--out runs/evidence-scope] [--set ...] [--base-set ...]
+                             [--methods NAME ...] [--variant NAME KEY=VALUE ...]...
 
 Adapter demo (default): new-fact recall, old-fact recall kept and trainable parameters of memory, LoRA (rank
 matched to the memory's trainable parameters) and both, each teaching a frozen base of its seed. `--scratch`:
@@ -21,7 +22,8 @@ on old biographies and stdlib prose, teaching in rounds, wall clock vs LoRA; one
 Each seed changes both the corpus (data.seed: other people) and the initialisation (training.seed). One seed
 takes about as long as `make demo-adapter` (or `make demo`). `--variant` (repeatable) replaces the default
 methods by named sets of overrides of the config, e.g.
-`--variant lora memory.enabled=false lora.enabled=true --variant sparse memory.slot_top_k=32`. A run already in
+`--variant lora memory.enabled=false lora.enabled=true --variant sparse memory.slot_top_k=32`; with `--scope` a
+variant is the list-free read (keys) with its overrides, a column beside `--methods`. A run already in
 the output folder with the same resolved config is reused, and so is the trained base of each adapter seed.
 """
 
@@ -144,7 +146,8 @@ def main() -> None:
                    help="--scope: the base's pretraining steps (with 20%% prose, 500 leave it knowing 45-80%% of "
                         "its people's facts, 1,000 all of them)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                   help="a named method: overrides of the config (repeatable; replaces the defaults)")
+                   help="a named method: overrides of the config (repeatable; replaces the defaults); with "
+                        "--scope: the list-free read (keys) with these overrides, beside --methods")
     args = p.parse_args()
     if args.scope:
         return run_scope(args)

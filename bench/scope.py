@@ -40,10 +40,12 @@ ROWS = [  # (key, label, format); {n1}/{n2} are the two sizes, {r} the rounds
 ]
 
 
-def methods(chapters: int, names: list[str] | None = None) -> dict[str, list[str]]:
+def methods(chapters: int, names: list[str] | None = None,
+            variants: list[list[str]] | None = None) -> dict[str, list[str]]:
     """The methods compared (`names` of them, in that order; default all): the list-free learned read, the same read
     scoped by keys fitted against 1,024 samples of the base at temperature 0.7 (not trained on: as
-    configs/teach.yaml), subject routing (the oracle), LoRA, gated LoRA."""
+    configs/teach.yaml), subject routing (the oracle), LoRA, gated LoRA; then each of `variants` ([name, overrides
+    ...], `--variant`): the keys read with those overrides."""
     every = {"memory": [*V, "memory.routing=sequence", "memory.num_chapters=1"],
              "keys": KEYS,
              "subject": [*V, "memory.routing=subject", f"memory.num_chapters={chapters}"],
@@ -51,7 +53,11 @@ def methods(chapters: int, names: list[str] | None = None) -> dict[str, list[str
     unknown = [name for name in names or [] if name not in every]
     if unknown:
         raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(every)}")
-    return {name: every[name] for name in names} if names else every
+    taken = [v[0] for v in variants or [] if v[0] in every]
+    if taken:
+        raise ValueError(f"--variant: {taken[0]} is the name of a method; name the variant otherwise")
+    chosen = {name: every[name] for name in names} if names else every
+    return chosen | {v[0]: [*KEYS, *v[1:]] for v in variants or []}
 
 
 def subject_chapters(n: int, slots: int) -> int:
@@ -70,7 +76,7 @@ def run_seed(args, seed: int) -> dict[str, dict]:
     for i, n in enumerate(args.sizes):
         base, teach = _configs(args, seed, n)
         root = Path(args.out) / f"seed-{seed}" / f"n{n}"
-        chosen = methods(subject_chapters(n, teach.memory.num_tokens), args.methods)
+        chosen = methods(subject_chapters(n, teach.memory.num_tokens), args.methods, getattr(args, "variant", None))
         results = run_adapter_demo(base, teach, str(root), chosen)
         if i == 1:
             for name in chosen:

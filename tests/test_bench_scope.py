@@ -25,6 +25,14 @@ def test_methods_and_chapters():
         scope.methods(32, ["keys", "gate"])
 
 
+def test_a_variant_is_the_keys_read_with_its_overrides_beside_the_methods():
+    KEYS = scope.KEYS
+    m = scope.methods(32, ["keys"], [["wide", "memory.slot_top_k=64"], ["narrow", "memory.slot_top_k=8"]])
+    assert m == {"keys": KEYS, "wide": [*KEYS, "memory.slot_top_k=64"], "narrow": [*KEYS, "memory.slot_top_k=8"]}
+    with pytest.raises(ValueError, match=r"--variant: subject is the name of a method; name the variant otherwise"):
+        scope.methods(32, ["keys"], [["subject", "memory.slot_top_k=64"]])
+
+
 def test_table_has_every_goal_row_and_dashes_where_a_measure_does_not_exist():
     args = Namespace(sizes=[20, 100], rounds=5, corpus="demo", old=20)
     keys = [k for k, _, _ in scope.labels(args)]
