@@ -194,7 +194,7 @@ def test_a_resumed_run_keeps_its_keys_and_does_not_fit_again(tmp_path, saved_bas
 
 
 @pytest.mark.parametrize("pairs", [False, True])
-def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch, pairs):
+def test_fit_takes_taught_states_only_after_a_rows_first_eos_and_not_a_documents_first_token(monkeypatch, pairs):
     model = build_model(tiny_config("llama", memory={**KEYS, "scope_pairs": pairs}))
     eos = model.tokenizer.eos_token_id
     seen = {}
@@ -205,16 +205,17 @@ def test_fit_takes_taught_states_only_after_a_rows_first_eos(monkeypatch, pairs)
     replay = torch.tensor([[0] * 6, [0] * 6, [0, 0, 0, 1, 1, 0]])
     model.fit_scope({"input_ids": ids, "attention_mask": mask, "replay": replay},
                     {"input_ids": ids, "attention_mask": mask})
-    # row 0: from its eos on (4 positions); row 1: none (no document starts in it); row 2: eos and 2 taught tokens
+    # row 0: from its eos on, but not the document's first token (3 positions); row 1: none (no document starts in
+    # it); row 2: eos and 1 taught token (its first is the document's, the next two replay)
     taught, background = seen["taught"], seen["background"]
-    assert taught.shape == (4 + 0 + 3, 32)
+    assert taught.shape == (3 + 0 + 2, 32)
     assert background.shape == (6 + 6 + 5, 32)  # every real token
     if not pairs:
         assert seen["taught_prev"] is None and seen["background_prev"] is None
         return
     # each row's previous state, zeros where the previous position is not kept (a row's first, before its eos)
     zero = torch.zeros(32)
-    assert torch.equal(seen["taught_prev"], torch.stack([zero, *taught[0:3], zero, *taught[4:6]]))
+    assert torch.equal(seen["taught_prev"], torch.stack([zero, zero, taught[1], zero, zero]))
     assert torch.equal(seen["background_prev"], torch.stack([zero, *background[0:5], zero, *background[6:11], zero,
                                                              *background[12:16]]))
 

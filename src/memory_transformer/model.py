@@ -211,8 +211,11 @@ class MemoryModel(nn.Module):
         ids, real = taught["input_ids"], taught["attention_mask"].bool()
         # Taught states only where the document's beginning is in the same row (after an end-of-sequence token):
         # a row that starts inside a document gives its first positions states without context (position 0 sees
-        # only its own token), which any text starting with that token would reproduce.
-        keep = real & ((ids == self.tokenizer.eos_token_id).long().cumsum(1) > 0)
+        # only its own token), which any text starting with that token would reproduce. For the same reason, not
+        # a document's first token: its state says only which token starts the document (a new name's first
+        # letter, in a bio that starts with the name), and any text starting with it would open the scope.
+        eos = ids == self.tokenizer.eos_token_id
+        keep = real & (eos.long().cumsum(1) > 0) & ~F.pad(eos[:, :-1], (1, 0), value=False)
         if "replay" in taught:
             keep &= ~taught["replay"].bool()
         try:
