@@ -76,7 +76,7 @@ def run_seed(args, seed: int) -> dict[str, dict]:
     for i, n in enumerate(args.sizes):
         base, teach = _configs(args, seed, n)
         root = Path(args.out) / f"seed-{seed}" / f"n{n}"
-        chosen = methods(subject_chapters(n, teach.memory.num_tokens), args.methods, getattr(args, "variant", None))
+        chosen = methods(subject_chapters(n, teach.memory.num_tokens), args.methods, args.variant)
         results = run_adapter_demo(base, teach, str(root), chosen)
         if i == 1:
             for name in chosen:

@@ -213,7 +213,8 @@ def test_fit_takes_taught_states_only_after_a_rows_first_eos_and_not_a_documents
     if not pairs:
         assert seen["taught_prev"] is None and seen["background_prev"] is None
         return
-    # each row's previous state, zeros where the previous position is not kept (a row's first, before its eos)
+    # each row's previous state, zeros where the previous position is not kept (a row's first, before its eos, a
+    # document's first token)
     zero = torch.zeros(32)
     assert torch.equal(seen["taught_prev"], torch.stack([zero, zero, taught[1], zero, zero]))
     assert torch.equal(seen["background_prev"], torch.stack([zero, *background[0:5], zero, *background[6:11], zero,
