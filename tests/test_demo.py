@@ -54,6 +54,11 @@ def test_adapter_demo_compares_methods_at_matched_parameters_and_reuses_the_base
     with pytest.raises(ConfigError, match="already holds a run"):  # changed config, same name: refused
         run_adapter_demo(_base_cfg(), _teach_cfg(), str(out), {"lora-r2": ["memory.enabled=false",
                                                                            "lora.enabled=true", "lora.r=3"]})
+    other_base = load_config(_base_cfg().to_dict(), ["data.seed=1"])  # another base, same folder: refused
+    with pytest.raises(ConfigError) as refused:
+        run_adapter_demo(other_base, _teach_cfg(), str(out), {"lora-r2": ["memory.enabled=false"]})
+    assert str(refused.value) == (f"training.output_dir: {out / 'base'} holds a base trained with another config: "
+                                  "data.seed differs; choose another output folder or delete that one")
 
 
 def test_adapter_demo_adds_lora_gated_by_the_same_lookup_when_memory_routes_by_subject():

@@ -61,6 +61,21 @@ def _train_or_reuse(name: str, cfg: Config, result_of) -> dict:
     return result
 
 
+def _check_same_base(cfg: Config, saved: Path) -> None:
+    """A base already trained in the output folder is reused only for the same config (`saved`, its config.yaml):
+    another tokenizer, corpus or size would otherwise be taught and probed as if it were this one."""
+    prior = _resolved(load_config(str(saved)).to_dict()) if saved.is_file() else None
+    resolved = json.loads(json.dumps(resolve_config(cfg).to_dict()))
+    if prior == resolved:
+        return
+    differ = sorted(f"{section}.{key}" for section, values in resolved.items() if isinstance(values, dict)
+                    for key, value in values.items() if (prior or {}).get(section, {}).get(key) != value)
+    what = ("no config.yaml" if prior is None else
+            f"another config: {', '.join(differ[:5]) or 'its keys'} {'differs' if len(differ) == 1 else 'differ'}")
+    raise ConfigError("training.output_dir", f"{saved.parent} holds a base trained with {what}; choose another "
+                      "output folder or delete that one")
+
+
 def _resolved(saved: dict) -> dict | None:
     """A saved resolved config as it resolves today: keys added to the schema since take their defaults (which
     keep the old behaviour); None if it no longer loads."""
@@ -183,12 +198,14 @@ def run_adapter_demo(base_cfg: Config, teach_cfg: Config, out: str | None = None
     facts = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus)
     old_facts = facts.subset(*old)
     base_result = root / "base_result.json"
+    base_cfg = load_config(base_cfg.to_dict(), [f"training.output_dir={root / 'base'}"])
     if base_result.exists() and (root / "base_hf" / "config.json").exists():
+        _check_same_base(base_cfg, root / "base" / "config.yaml")
         print(f"== base: reusing {root / 'base_hf'}")
         results = {"base": json.loads(base_result.read_text())}
     else:
         print(f"== base: vanilla model learns people {old[0]}..{old[1] - 1} ({base_cfg.training.max_steps} steps)")
-        base_run = train(load_config(base_cfg.to_dict(), [f"training.output_dir={root / 'base'}"]))
+        base_run = train(base_cfg)
         export_hf(load_model(root / "base" / "final"), root / "base_hf")
         results = {"base": {"recall_old": base_run["recall_qa"], "wall_time_s": base_run["wall_time_s"]}}
         base_result.write_text(json.dumps(results["base"]))
