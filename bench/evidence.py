@@ -139,6 +139,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="--scope: sequential rounds (1 = none)")
     p.add_argument("--methods", nargs="+", help="--scope: only these of memory, keys, subject, lora, lora-gated "
                                                  "(default: all; without lora no wall-clock ratio)")
+    p.add_argument("--bpe", type=int, metavar="VOCAB",
+                   help="--scope: the base reads with a byte-level BPE tokenizer of VOCAB tokens trained on its own "
+                        "documents and prose (default: the byte tokenizer)")
     p.add_argument("--prose", type=int, default=32, help="--scope: stdlib prose paragraphs for the KL")
     p.add_argument("--base-prose", type=float, default=0.2,
                    help="--scope: data.prose_fraction of the base's pretraining (real text to be disturbed on)")

@@ -76,6 +76,9 @@ def run_seed(args, seed: int) -> dict[str, dict]:
     for i, n in enumerate(args.sizes):
         base, teach = _configs(args, seed, n)
         root = Path(args.out) / f"seed-{seed}" / f"n{n}"
+        if args.bpe:
+            tokenizer = bpe_tokenizer(base, args.bpe, root.parent / f"tokenizer-bpe{args.bpe}")
+            base = load_config(base.to_dict(), [f"model.tokenizer={tokenizer}"])
         chosen = methods(subject_chapters(n, teach.memory.num_tokens), args.methods, args.variant)
         results = run_adapter_demo(base, teach, str(root), chosen)
         if i == 1:
@@ -89,6 +92,30 @@ def run_seed(args, seed: int) -> dict[str, dict]:
                 rows[name].update(_rounds(root, teach, chosen[name], name, args, results["base"]["recall_old"]))
         rows["base"] = _base_heldout(root, teach, args)
     return rows
+
+
+def bpe_tokenizer(base: Config, vocab: int, path: Path) -> Path:
+    """A byte-level BPE tokenizer of `vocab` tokens (`--bpe`), trained on what the base reads: the standard
+    library's prose (its train split) and the base's own people's documents, never the people taught later, so
+    their names split into pieces the base knows, as a real base's tokenizer splits names it never saw. Saved in
+    `path`, and reused from there."""
+    if (path / "tokenizer.json").is_file():
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from memory_transformer.data.prose import prose_pool
+
+    d = base.data
+    own = SyntheticFacts(d.num_people, d.seed, d.qa_fraction, d.corpus).subset(*d.people)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(prose_pool("train") + own.train_documents(0, 2000),
+                             trainers.BpeTrainer(vocab_size=vocab, special_tokens=["</s>", "<pad>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>").save_pretrained(path)
+    return path
 
 
 def _configs(args, seed: int, n: int) -> tuple[Config, Config]:

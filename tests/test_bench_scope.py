@@ -81,3 +81,28 @@ def test_step_times_measure_every_method_on_the_same_batch(tmp_path, saved_base)
     teach = tiny_config("llama", model=model, training={"batch_size": 2})
     times = scope.step_times(tmp_path, ["keys", "lora"], SyntheticFacts(4, 0), teach, repeats=3)
     assert list(times) == ["keys", "lora"] and all(t > 0 for t in times.values())
+
+
+def test_bpe_tokenizer_is_trained_on_the_bases_people_only_and_reused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from memory_transformer import load_config
+    from memory_transformer.data.synthetic_facts import SyntheticFacts
+    from memory_transformer.data.tokenizer import load_tokenizer
+
+    base = load_config("configs/demo_adapter_base.yaml", ["data.num_people=40", "data.people=[0,20]"])
+    path = scope.bpe_tokenizer(base, 512, tmp_path / "tok")
+    tok = load_tokenizer(str(path))
+    assert len(tok) == 512 and tok.eos_token == "</s>" and tok.pad_token == "<pad>"
+    facts = SyntheticFacts(40, 0)
+    doc = facts.subset(20, 40).train_documents(0, 1)[0]
+    assert tok.decode(tok(doc)["input_ids"]) == doc  # byte-level: any text round-trips
+
+    def pieces(people):  # tokens per full name, as the name is written in a document (after a space)
+        return sum(len(tok(" " + p.name)["input_ids"]) for p in people) / len(people)
+
+    old, new = pieces(facts.subset(0, 20).people), pieces(facts.subset(20, 40).people)
+    assert old < new  # the base's own people's names are whole tokens more often than the untaught people's
+    before = (path / "tokenizer.json").stat().st_mtime_ns
+    assert scope.bpe_tokenizer(base, 512, path) == path and (path / "tokenizer.json").stat().st_mtime_ns == before
+    assert AutoTokenizer.from_pretrained(path).vocab_size == 512
