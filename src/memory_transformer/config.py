@@ -106,6 +106,13 @@ class MemoryConfig:
     # alone is not novel but the pair is (no background pair within scope_novelty on both): a name whose every
     # part the base knows alone, in an order the base never produced (memory/scope.py)
     scope_pairs: bool = False
+    # keys: what a position matches. state: its hidden state within a key's radius; ngram: the ids ending at it
+    # are a key's run (the shortest run of ids ending at a novel position that the base's samples never contain,
+    # at most scope_ngram_tokens tokens, at least scope_ngram_chars characters other than whitespace), so a name
+    # opens the scope whatever words surround it, and a word it shares with other text does not (memory/scope.py)
+    scope_match: Literal["state", "ngram"] = "state"
+    scope_ngram_tokens: int = 12  # ngram: a key's run is at most this many tokens (bytes: characters)
+    scope_ngram_chars: int = 7  # ngram: and at least this many characters other than whitespace
     key_init_std: float = 1.0  # kv=learned: init std of the keys (values use init_std)
     router_loss: RouterLossConfig = field(default_factory=RouterLossConfig)
     gradient_checkpointing: bool = False
@@ -496,7 +503,8 @@ _RANGES = {
                    key_init_std=_POSITIVE, init_std=_POSITIVE, dropout=_FRACTION, quant_group_size=_AT_LEAST_1,
                    scope_threshold=_OPEN_FRACTION, scope_margin=_NON_NEGATIVE,
                    scope_novelty=(lambda v: -1 < v < 1, "must be a cosine in (-1, 1)"),
-                   scope_radius=(lambda v: 0 <= v < 1, "must be in [0, 1)"), scope_max_keys=_AT_LEAST_1),
+                   scope_radius=(lambda v: 0 <= v < 1, "must be in [0, 1)"), scope_max_keys=_AT_LEAST_1,
+                   scope_ngram_tokens=_AT_LEAST_1, scope_ngram_chars=_AT_LEAST_1),
     "memory.router_loss": dict(load_balance=_NON_NEGATIVE, importance=_NON_NEGATIVE, z_loss=_NON_NEGATIVE,
                                scope=_NON_NEGATIVE),
     "lora": dict(r=_AT_LEAST_1, alpha=_POSITIVE, dropout=_FRACTION),
@@ -560,6 +568,9 @@ def _check_memory(mem: MemoryConfig, m: ModelConfig) -> None:
                           f"needs memory.scope keys, got {mem.scope}")
     if mem.scope_pairs and mem.scope != "keys":
         raise ConfigError("memory.scope_pairs", f"pair keys are scope keys: needs memory.scope keys, got {mem.scope}")
+    if mem.scope_match != "state" and mem.scope != "keys":
+        raise ConfigError("memory.scope_match", f"{mem.scope_match} matches scope keys: needs memory.scope keys, "
+                          f"got {mem.scope}")
 
 
 def _check_quantization(mem: MemoryConfig, m: ModelConfig) -> None:

@@ -92,7 +92,9 @@ class MemoryStack(nn.Module):
         # memory.scope keys: the codebook deciding, at the first memory layer, which positions any layer reads
         # (and, with memory.routing keys, which chapter)
         self.scope = (ScopeKeys(d, cfg.scope_novelty, cfg.scope_radius, cfg.scope_max_keys, eos,
-                                routed=cfg.routing == "keys", pairs=cfg.scope_pairs) if cfg.scope == "keys" else None)
+                                routed=cfg.routing == "keys", pairs=cfg.scope_pairs,
+                                ngram=(cfg.scope_ngram_tokens, cfg.scope_ngram_chars) if cfg.scope_match == "ngram"
+                                else None) if cfg.scope == "keys" else None)
         # The policy of a plain forward, resolved once; `routing_by` replaces it for one generate / score call.
         self.default_policy: Policy = (SubjectRouting(subjects) if self.subjects is not None
                                        else KeyRouting(self.scope) if cfg.routing == "keys"

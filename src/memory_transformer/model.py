@@ -20,6 +20,7 @@ from memory_transformer.lora import add_lora
 from memory_transformer.resolve import resolve_config
 from memory_transformer.memory.quant import BITS
 from memory_transformer.memory.routing import ContextRouting, generation_routing
+from memory_transformer.memory.scope import windows_of
 from memory_transformer.memory.subjects import SubjectTracker, track_subjects
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,7 +191,7 @@ class MemoryModel(nn.Module):
         found: list[torch.Tensor] = []
         handle = norm.register_forward_pre_hook(lambda module, args: found.append(args[0]))
 
-        pairs = self.memory.scope.pair_keys is not None  # memory.scope_pairs: also each state's previous one
+        pairs = self.memory.scope.pairs  # memory.scope_pairs: also each state's previous one
 
         def states(ex: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The kept positions' states, and (pairs) their previous positions' (zeros where that one is not
@@ -218,20 +219,49 @@ class MemoryModel(nn.Module):
         keep = real & (eos.long().cumsum(1) > 0) & ~F.pad(eos[:, :-1], (1, 0), value=False)
         if "replay" in taught:
             keep &= ~taught["replay"].bool()
+        seen = background["attention_mask"].bool()
         try:
             with eval_mode(self), self.adapters_disabled():
                 taught_states, taught_prev = states(taught, keep)
-                background_states, background_prev = states(background, background["attention_mask"].bool())
+                background_states, background_prev = states(background, seen)
         finally:
             handle.remove()
+        runs = {}
+        if self.memory.scope.ngram is not None:  # memory.scope_match ngram: the ids ending at each kept position's
+            width = self.memory.scope.ngram[0]  # word's end (a novel first letter of a word is not a key: "in A")
+            ends = word_ends(ids, keep, word_continues(self.tokenizer).to(ids.device))
+            windows = windows_of(ids, width, keep).gather(1, ends[..., None].expand(-1, -1, width))
+            runs = {"taught_windows": windows[keep],
+                    "background_windows": windows_of(background["input_ids"], width, seen)[seen],
+                    "chars": token_chars(self.tokenizer)}
         # memory.routing keys: a run's keys open the bank's last chapter (a later round's new one, teach.py)
         return self.memory.scope.fit(taught_states, background_states, seed, self.config.memory.num_chapters - 1,
-                                     taught_prev, background_prev)
+                                     taught_prev, background_prev, **runs)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from memory_transformer.io import save_model
 
         save_model(self, directory)
+
+
+def word_continues(tokenizer) -> torch.Tensor:
+    """(vocabulary,) bool: the token, decoded alone, starts with a letter or digit (it continues the word before)."""
+    return torch.tensor([tokenizer.decode([i])[:1].isalnum() for i in range(len(tokenizer))])
+
+
+def word_ends(ids: torch.Tensor, keep: torch.Tensor, continues: torch.Tensor) -> torch.Tensor:
+    """ids, keep (B, T) -> (B, T): each position's word's last position (the last of the kept positions after it
+    whose tokens continue the word)."""
+    B, T = ids.shape
+    positions = torch.arange(T, device=ids.device).expand(B, -1)
+    stops = torch.where(continues[ids] & keep, T, positions)  # the positions that do not continue a word
+    first_stop = stops.flip(1).cummin(1).values.flip(1)  # at or after each position
+    return torch.cat([first_stop[:, 1:], torch.full((B, 1), T, device=ids.device)], 1) - 1
+
+
+def token_chars(tokenizer) -> torch.Tensor:
+    """(vocabulary,): each token's characters other than whitespace, as the tokenizer decodes it alone."""
+    return torch.tensor([len("".join(tokenizer.decode([i]).split())) for i in range(len(tokenizer))])
 
 
 @contextlib.contextmanager

@@ -30,6 +30,15 @@ ones are frozen, teach.py), so what earlier rounds wrote stays as it was; their 
 match their own round's keys better than a later round's (docs/experiments.md measures how often). Keys do not
 tell people apart within a round (they sit on parts of names that many share), so one round is one chapter.
 
+Matching by token n-grams (`memory.scope_match: ngram`): the keys are chosen as above (the taught positions whose
+state, alone or with the one before, is novel), but each is kept as the shortest run of token ids ending at the
+end of its word (at most `scope_ngram_tokens` tokens, at least `scope_ngram_chars` characters other than
+whitespace) that never occurs in the base's samples, and a position matches when the ids ending at it are one of
+those runs. A name then
+opens the scope in any sentence around it, where its states (which depend on the words before) may not match, and
+only text that contains a taught name's exact spelling does: a common word inside a name ("True") is not a run the
+samples lack, so prose using it stays out (docs/experiments.md, issue 17 twelfth pass).
+
 The anchored query (`memory.scope_anchor`): one key names no one, but the keys a name matches together do. At each
 position in scope, the anchor is the mean of the unit states of the positions that matched a key since the scope
 opened (in a question: the parts of the name asked about; carried through the KV cache), and the read's query is
@@ -49,7 +58,30 @@ from memory_transformer.memory.subjects import NO_EVENT, NO_READ, last_event
 
 _CHUNK = 2**26  # similarities per matmul while fitting (256 MB of float32)
 _MATCH_ROWS = 512  # positions scored against the keys at a time (a (512, K) margin, not (B, T, K))
-_CODEBOOK = ("keys", "thresholds", "chapters", "pair_keys", "pair_thresholds", "pair_chapters")
+_CODEBOOK = ("keys", "thresholds", "chapters", "pair_keys", "pair_thresholds", "pair_chapters", "grams",
+             "gram_chapters")
+_PRIME, _BASE = 2**31 - 1, 1_000_003  # the n-grams' polynomial hash (exactness is checked after a hash hit)
+
+
+def _gram_hashes(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """Token ids (..., W), -1 before the first id -> (...,): a hash of the last n ids, -1 where fewer than n."""
+    h = torch.zeros(windows.shape[:-1], dtype=torch.long, device=windows.device)
+    for i in range(windows.shape[-1] - n, windows.shape[-1]):
+        h = (h * _BASE + windows[..., i] + 1) % _PRIME
+    return torch.where(windows[..., -n] >= 0, h, -1)
+
+
+def windows_of(ids: torch.Tensor, width: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """ids (B, L) -> (B, L, width): at each position the ids of the `width` positions ending there, -1 before the
+    row's start and, with `valid` (B, L) bool, before the last invalid position (a run never spans one)."""
+    B, L = ids.shape
+    padded = F.pad(ids, (width - 1, 0), value=-1).unfold(1, width, 1)  # (B, L, width)
+    if valid is None:
+        return padded
+    positions = torch.arange(L, device=ids.device)
+    last_invalid = torch.where(valid, -1, positions).cummax(dim=1).values  # (B, L)
+    at = positions[:, None] - width + 1 + torch.arange(width, device=ids.device)  # (L, width) position of each entry
+    return torch.where(at[None] > last_invalid[..., None], padded, -1)
 
 
 def _best_cosine(taught: torch.Tensor, background: torch.Tensor, taught_prev: torch.Tensor | None = None,
@@ -69,18 +101,27 @@ class ScopeKeys(nn.Module):
     the scope of the current forward: `read` (B, T), the chapter each position reads (0 unrouted), -1 where none."""
 
     def __init__(self, dim: int, novelty: float, radius: float, max_keys: int, eos: int | None,
-                 routed: bool = False, pairs: bool = False):
+                 routed: bool = False, pairs: bool = False, ngram: tuple[int, int] | None = None):
         super().__init__()
         self.novelty, self.radius, self.max_keys, self.eos = novelty, radius, max_keys, eos
+        # memory.scope_match ngram: (at most tokens, at least characters) of a key's run of ids; the runs are
+        # `grams` (K3, tokens), -1 before a run's first id, with (routed) `gram_chapters`; None matching by states
+        self.ngram = ngram
+        self.register_buffer("grams", torch.zeros(0, ngram[0], dtype=torch.long) if ngram else None)
+        self.register_buffer("gram_chapters", torch.zeros(0, dtype=torch.long) if ngram and routed else None)
+        self.ids: torch.Tensor | None = None  # ngram: (B, L) the ids of every position so far
         self.register_buffer("keys", torch.zeros(0, dim))
         self.register_buffer("thresholds", torch.zeros(0))
         # memory.routing keys: the chapter each key opens (None unrouted: an adapter of scope keys alone has none)
         self.register_buffer("chapters", torch.zeros(0, dtype=torch.long) if routed else None)
         # memory.scope_pairs: keys on two consecutive unit states, (K2, 2, d) [previous, current], each with its
         # threshold and (routed) chapter; None without pairs (an adapter fitted without them loads as it was)
-        self.register_buffer("pair_keys", torch.zeros(0, 2, dim) if pairs else None)
-        self.register_buffer("pair_thresholds", torch.zeros(0) if pairs else None)
-        self.register_buffer("pair_chapters", torch.zeros(0, dtype=torch.long) if pairs and routed else None)
+        # (with ngram matching, pairs only choose more key positions: the keys are runs of ids, no pair buffers)
+        self.pairs = pairs
+        pair_buffers = pairs and ngram is None
+        self.register_buffer("pair_keys", torch.zeros(0, 2, dim) if pair_buffers else None)
+        self.register_buffer("pair_thresholds", torch.zeros(0) if pair_buffers else None)
+        self.register_buffer("pair_chapters", torch.zeros(0, dtype=torch.long) if pair_buffers and routed else None)
         self.units: torch.Tensor | None = None  # pairs: (B, L, d) the unit states of every position so far
         self.state: torch.Tensor | None = None  # (B, L): the chapter read, NO_READ where none, every position so far
         self.read: torch.Tensor | None = None  # (B, T), the positions of the current forward
@@ -105,38 +146,76 @@ class ScopeKeys(nn.Module):
 
     @torch.no_grad()
     def fit(self, taught: torch.Tensor, background: torch.Tensor, seed: int = 0, chapter: int = 0,
-            taught_prev: torch.Tensor | None = None, background_prev: torch.Tensor | None = None) -> dict[str, int]:
+            taught_prev: torch.Tensor | None = None, background_prev: torch.Tensor | None = None,
+            taught_windows: torch.Tensor | None = None, background_windows: torch.Tensor | None = None,
+            chars: torch.Tensor | None = None) -> dict[str, int]:
         """taught (N, d), background (M, d) hidden states -> keys and thresholds (module doc), each key opening
         `chapter` when routed. More than `max_keys` candidates: a seeded random `max_keys` of them are kept.
         With pairs, `taught_prev` and `background_prev` are the states of the positions before (rows aligned; a
         row of zeros where there is none): a taught state that is not novel alone but whose pair with its previous
-        state is (no background pair within `novelty` on both halves) becomes a pair key. Returns counts for the
-        log."""
+        state is (no background pair within `novelty` on both halves) becomes a pair key. With ngram matching,
+        `taught_windows` (N, W) and `background_windows` (M, W) are the ids ending at each position (`windows_of`)
+        and `chars` (vocabulary,) each token's characters other than whitespace: every novel position (alone or
+        as a pair) becomes a run of ids instead (`_fit_grams`). Returns counts for the log."""
         if not len(background):
             raise ValueError("memory.scope keys: no background states to fit against (data.replay_generated)")
         taught, background = F.normalize(taught.float(), dim=-1), F.normalize(background.float(), dim=-1)
         best = _best_cosine(taught, background)  # (N,)
+        counts = {"taught_states": len(taught), "background_states": len(background)}
+        if self.pairs and (taught_prev is None or background_prev is None):
+            raise ValueError("memory.scope_pairs: fitting pair keys needs the previous positions' states")
+        if self.pairs:
+            taught_prev = F.normalize(taught_prev.float(), dim=-1)
+            background_prev = F.normalize(background_prev.float(), dim=-1)
+            candidates = ((best >= self.novelty) & (taught_prev.abs().sum(-1) > 0)).nonzero().squeeze(-1)
+            pair_best = _best_cosine(taught[candidates], background, taught_prev[candidates], background_prev)
+            pair_novel = candidates[pair_best < self.novelty]
+        if self.ngram is not None:
+            if taught_windows is None or background_windows is None or chars is None:
+                raise ValueError("memory.scope_match ngram: fitting needs the positions' ids and the tokens' lengths")
+            novel = (best < self.novelty).nonzero().squeeze(-1)
+            if self.pairs:
+                novel = torch.cat([novel, pair_novel]).sort().values
+            return counts | self._fit_grams(taught_windows[novel], background_windows, chars, seed, chapter)
         novel = self._subset((best < self.novelty).nonzero().squeeze(-1), seed)
         self.keys, self.thresholds = self._with_thresholds(taught[novel], best[novel], self.keys, self.thresholds)
         if self.chapters is not None:
             self.chapters = torch.full((len(novel),), chapter, dtype=torch.long, device=self.chapters.device)
-        counts = {"taught_states": len(taught), "background_states": len(background), "keys": len(novel)}
-        if self.pair_keys is None:
+        counts["keys"] = len(novel)
+        if not self.pairs:
             return counts
-        if taught_prev is None or background_prev is None:
-            raise ValueError("memory.scope_pairs: fitting pair keys needs the previous positions' states")
-        taught_prev = F.normalize(taught_prev.float(), dim=-1)
-        background_prev = F.normalize(background_prev.float(), dim=-1)
-        candidates = ((best >= self.novelty) & (taught_prev.abs().sum(-1) > 0)).nonzero().squeeze(-1)
-        pair_best = _best_cosine(taught[candidates], background, taught_prev[candidates], background_prev)
-        chosen = self._subset((pair_best < self.novelty).nonzero().squeeze(-1), seed)
-        pairs = torch.stack([taught_prev[candidates[chosen]], taught[candidates[chosen]]], dim=1)  # (K2, 2, d)
-        self.pair_keys, self.pair_thresholds = self._with_thresholds(pairs, pair_best[chosen], self.pair_keys,
-                                                                     self.pair_thresholds)
+        chosen = self._subset(torch.arange(len(pair_novel)), seed)
+        at = pair_novel[chosen]
+        pairs = torch.stack([taught_prev[at], taught[at]], dim=1)  # (K2, 2, d)
+        self.pair_keys, self.pair_thresholds = self._with_thresholds(
+            pairs, pair_best[pair_best < self.novelty][chosen], self.pair_keys, self.pair_thresholds)
         if self.pair_chapters is not None:
             self.pair_chapters = torch.full((len(chosen),), chapter, dtype=torch.long,
                                             device=self.pair_chapters.device)
         return counts | {"pair_keys": len(chosen)}
+
+    def _fit_grams(self, windows: torch.Tensor, background: torch.Tensor, chars: torch.Tensor, seed: int,
+                   chapter: int) -> dict[str, int]:
+        """The key runs: at each novel position (its ids `windows` (N, W)), the shortest run of ids ending there
+        with at least `ngram[1]` characters that no position of the background (`background` (M, W)) ends with;
+        none where even W ids are not such a run. Distinct runs, at most `max_keys` (a seeded random subset)."""
+        width, least = self.ngram
+        windows, background = windows.to(chars.device), background.to(chars.device)
+        lengths = torch.where(windows >= 0, chars[windows.clamp(min=0)], 0).flip(-1).cumsum(-1)  # (N, W): last n
+        chosen = torch.zeros(len(windows), dtype=torch.long, device=windows.device)  # the run's length, 0 none yet
+        for n in range(1, width + 1):
+            seen = _gram_hashes(background, n).unique()
+            mine = _gram_hashes(windows, n)
+            fresh = (chosen == 0) & (mine >= 0) & ~torch.isin(mine, seen) & (lengths[:, n - 1] >= least)
+            chosen[fresh] = n
+        kept = chosen > 0
+        entry = torch.arange(width, device=windows.device)
+        runs = torch.where(entry[None] >= width - chosen[kept, None], windows[kept], -1).unique(dim=0)
+        runs = runs[self._subset(torch.arange(len(runs)), seed)]
+        self.grams = runs.to(self.grams.device)
+        if self.gram_chapters is not None:
+            self.gram_chapters = torch.full((len(runs),), chapter, dtype=torch.long, device=self.gram_chapters.device)
+        return {"keys": len(runs), "novel_positions": len(windows), "without_a_run": int((~kept).sum())}
 
     def _subset(self, candidates: torch.Tensor, seed: int) -> torch.Tensor:
         """At most `max_keys` of `candidates` (a seeded random subset, in order)."""
@@ -157,10 +236,18 @@ class ScopeKeys(nn.Module):
 
     def extend(self, keys: torch.Tensor, thresholds: torch.Tensor, chapters: torch.Tensor | None = None,
                pair_keys: torch.Tensor | None = None, pair_thresholds: torch.Tensor | None = None,
-               pair_chapters: torch.Tensor | None = None) -> None:
-        """Add keys fitted elsewhere (another round of teaching) to these."""
+               pair_chapters: torch.Tensor | None = None, grams: torch.Tensor | None = None,
+               gram_chapters: torch.Tensor | None = None) -> None:
+        """Add keys fitted elsewhere (another round of teaching) to these. A run of ids these already hold is not
+        added again: it keeps the chapter it opened first."""
+        if grams is not None and self.grams is not None:
+            held = {tuple(row) for row in self.grams.tolist()}
+            new = torch.tensor([tuple(row) not in held for row in grams.tolist()], dtype=torch.bool)
+            grams = grams[new.to(grams.device)]
+            gram_chapters = None if gram_chapters is None else gram_chapters[new.to(gram_chapters.device)]
         given = {"keys": keys, "thresholds": thresholds, "chapters": chapters, "pair_keys": pair_keys,
-                 "pair_thresholds": pair_thresholds, "pair_chapters": pair_chapters}
+                 "pair_thresholds": pair_thresholds, "pair_chapters": pair_chapters, "grams": grams,
+                 "gram_chapters": gram_chapters}
         for name, more in given.items():
             mine = getattr(self, name)
             if mine is not None and more is not None:
@@ -205,6 +292,26 @@ class ScopeKeys(nn.Module):
         chapters = torch.cat([self.chapters, self.pair_chapters]) if pairs else self.chapters
         return torch.where(value > 0, chapters.to(u.device)[index], NO_EVENT)
 
+    def _gram_matches(self, windows: torch.Tensor) -> torch.Tensor:
+        """windows (B, T, W), the ids ending at each position (`windows_of`) -> (B, T): the chapter of the longest
+        key run the position ends (0 unrouted), NO_EVENT where it ends none."""
+        event = torch.full(windows.shape[:2], NO_EVENT, dtype=torch.long, device=windows.device)
+        grams = self.grams.to(windows.device)
+        if not len(grams):
+            return event
+        chapters = (self.gram_chapters.to(windows.device) if self.gram_chapters is not None
+                    else torch.zeros(len(grams), dtype=torch.long, device=windows.device))
+        sizes = (grams >= 0).sum(-1)
+        for n in sizes.unique().tolist():  # ascending: a longer run ending at the same position wins
+            rows = (sizes == n).nonzero().squeeze(-1)
+            hashes, order = _gram_hashes(grams[rows], n).sort()
+            mine = _gram_hashes(windows, n)  # (B, T)
+            at = torch.searchsorted(hashes, mine).clamp(max=len(hashes) - 1)
+            row = rows[order[at]]  # (B, T): the candidate run, checked id by id (a hash can collide)
+            exact = (mine >= 0) & (hashes[at] == mine) & (grams[row][..., -n:] == windows[..., -n:]).all(-1)
+            event = torch.where(exact, chapters[row], event)
+        return event
+
     def observe(self, h: torch.Tensor, ids: torch.Tensor | None, past: int, anchor: bool = False) -> None:
         """The scope of this forward's positions (`reads`), from the states h (B, T, d) at the first memory layer,
         the input ids (end-of-sequence closes it; None: no ids) and `past` positions already in the KV cache.
@@ -218,7 +325,15 @@ class ScopeKeys(nn.Module):
             first = self.units[:, past - 1:past] if past else torch.zeros_like(u[:, :1])
             prev = torch.cat([first, u[:, :-1]], dim=1)
             self.units = torch.cat([self.units[:, :past], u], dim=1) if past else u
-        event = self._matches(u, prev)
+        if self.grams is not None:  # memory.scope_match ngram: the runs of ids ending at each position
+            if ids is None:
+                raise ValueError("memory.scope_match ngram: the scope matches token ids; call the model with "
+                                 "input_ids, not inputs_embeds")
+            ids = ids[:, -h.shape[1]:]
+            self.ids = torch.cat([self.ids[:, :past], ids], dim=1) if past else ids
+            event = self._gram_matches(windows_of(self.ids, self.ngram[0])[:, -h.shape[1]:])
+        else:
+            event = self._matches(u, prev)
         if ids is not None and self.eos is not None:
             event = torch.where(ids[:, -h.shape[1]:] == self.eos, NO_READ, event)
         if past:
