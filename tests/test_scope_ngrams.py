@@ -93,7 +93,7 @@ def test_positions_out_of_scope_equal_the_base_bit_for_bit():
     assert torch.equal(cached, uncached)
 
 
-def test_training_fits_runs_saves_them_and_loads_them_back(tmp_path, saved_base):
+def test_training_fits_runs_saves_them_and_loads_them_back(tmp_path, saved_base, capsys):
     from safetensors.torch import load_file
 
     cfg = load_config({
@@ -104,12 +104,14 @@ def test_training_fits_runs_saves_them_and_loads_them_back(tmp_path, saved_base)
         "training": {"max_steps": 2, "batch_size": 4, "log_with": ["none"], "output_dir": str(tmp_path / "run")},
     })
     train(cfg, progress=False)
+    printed = capsys.readouterr().out
     saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
     grams = saved["memory.scope.grams"]
     assert len(grams) > 0 and grams.shape[1] == 3 and saved["memory.scope.keys"].shape == (0, 32)
     assert "memory.scope.pair_keys" not in saved
     assert bool((grams[:, -1] >= 0).all())  # every run ends at a real id, and is left-padded
     assert torch.equal(load_model(tmp_path / "run" / "final").memory.scope.grams, grams)
+    assert f"memory.scope keys: {len(grams):,} keys (runs of ids, at " in printed
 
 
 @pytest.mark.parametrize("memory,match", [

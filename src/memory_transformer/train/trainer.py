@@ -215,6 +215,9 @@ class Trainer:
                                                      self.train_cfg.batch_size, self.cfg.data.seed)
         if self.acc.is_main_process:
             pairs = f" and {counts['pair_keys']:,} pair keys" if "pair_keys" in counts else ""
+            if "novel_positions" in counts:  # memory.scope_match ngram
+                pairs = (f" (runs of ids, at {counts['novel_positions']:,} novel positions; "
+                         f"{counts['without_a_run']:,} without one)")
             print(f"memory.scope keys: {counts['keys']:,} keys{pairs} from {counts['taught_states']:,} taught states "
                   f"against {counts['background_states']:,} background states")
 
