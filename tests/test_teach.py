@@ -73,11 +73,14 @@ def test_teach_end_to_end_on_a_tiny_qwen2(tmp_path, saved_base, capsys, tokenize
     assert "Ada Moss" not in " ".join(docs)  # the alias is asked, never taught
     model = load_model(out / "run" / "final")  # the adapter loads back onto the base, with the base's tokenizer
     assert model.config.memory.routing == "keys" and model.config.model.pretrained == str(base)
-    assert model.config.memory.scope == "keys" and len(model.memory.scope.keys) > 0  # fitted, saved, loaded
-    assert "memory.scope keys: " in printed and " pair keys from " in printed
+    scope = model.memory.scope  # memory.scope_match ngram (the teach default): runs of ids, fitted, saved, loaded
+    assert model.config.memory.scope == "keys" and model.config.memory.scope_match == "ngram"
+    assert len(scope.grams) > 0 and scope.grams.shape[1] == model.config.memory.scope_ngram_tokens
+    assert len(scope.keys) == 0 and scope.pair_keys is None  # no state keys: the runs are the keys
+    assert f"memory.scope keys: {len(scope.grams):,} keys (runs of ids, at " in printed
     assert "; no eval documents (data.eval_fraction); " in printed and "eval loss nan" not in printed
-    pairs = model.memory.scope.pair_keys  # memory.scope_pairs (the teach default): (K2, 2, d), saved and loaded
-    assert pairs is not None and len(pairs) > 0 and pairs.shape[1:] == (2, model.memory.scope.keys.shape[1])
+    runs = [model.tokenizer.decode([i for i in row if i >= 0]) for row in scope.grams.tolist()]
+    assert all(run in " ".join(docs) for run in runs), runs  # every run is a piece of the taught text
     assert isinstance(model.tokenizer, ByteTokenizer) == (tokenizer == "bytes")
 
 
@@ -200,13 +203,12 @@ def test_a_second_round_starts_from_the_first_keeps_its_keys_and_read(tmp_path, 
     # keys routing: the second round adds a chapter of the first's size, which only its own keys open
     assert (one.config.memory.num_chapters, one.config.memory.num_tokens) == (1, 64)
     assert (two.config.memory.num_chapters, two.config.memory.num_tokens) == (2, 128)
-    s1, s2 = one.memory.scope, two.memory.scope
-    assert len(s2.keys) > len(s1.keys) and torch.equal(s2.keys[:len(s1.keys)], s1.keys)  # first round's, then new
-    assert s1.chapters.tolist() == [0] * len(s1.keys)
-    assert s2.chapters.tolist() == [0] * len(s1.keys) + [1] * (len(s2.keys) - len(s1.keys))
-    p1, p2 = len(s1.pair_keys), len(s2.pair_keys)  # the pair keys likewise (memory.scope_pairs)
-    assert p2 > p1 > 0 and torch.equal(s2.pair_keys[:p1], s1.pair_keys)
-    assert s2.pair_chapters.tolist() == [0] * p1 + [1] * (p2 - p1)
+    s1, s2 = one.memory.scope, two.memory.scope  # the runs of ids (memory.scope_match ngram): first round's, then new
+    g1, g2 = len(s1.grams), len(s2.grams)
+    assert g2 > g1 > 0 and torch.equal(s2.grams[:g1], s1.grams)
+    assert s1.gram_chapters.tolist() == [0] * g1 and s2.gram_chapters.tolist() == [0] * g1 + [1] * (g2 - g1)
+    held = {tuple(row) for row in s1.grams.tolist()}
+    assert not any(tuple(row) in held for row in s2.grams[g1:].tolist())  # a run the first round holds stays its
     w1, w2 = (load_file(d / "run" / "final" / "adapter_model.safetensors") for d in (first, second))
     attention = [n for n in w1 if ".attn." in n and "router" not in n]
     assert attention and "memory.banks.0.chapters.1" not in w1

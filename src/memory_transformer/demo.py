@@ -164,7 +164,7 @@ METHODS = {  # name -> overrides of the teaching config
 # (configs/teach.yaml's setting; the samples are the keys' background only, not trained on).
 KEYS = ["memory.enabled=true", "lora.enabled=false", "memory.routing=keys", "memory.num_chapters=1",
         "memory.num_tokens=960", "memory.slot_top_k=32", "memory.scope=keys", "memory.scope_anchor=true",
-        "memory.scope_pairs=true",
+        "memory.scope_pairs=true", "memory.scope_match=ngram",
         "memory.scope_radius=0.7", "data.replay_generated=1024",
         "data.replay_fraction=0.0", "data.replay_temperature=0.7",
         "training.lr={base: 2e-3, memory_bank: 1e-1, memory_attention: 1e-2, router: 2e-3, lora: 2e-3}"]

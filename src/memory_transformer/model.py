@@ -229,8 +229,9 @@ class MemoryModel(nn.Module):
         runs = {}
         if self.memory.scope.ngram is not None:  # memory.scope_match ngram: the ids ending at each kept position's
             width = self.memory.scope.ngram[0]  # word's end (a novel first letter of a word is not a key: "in A")
-            ends = word_ends(ids, keep, word_continues(self.tokenizer).to(ids.device))
-            windows = windows_of(ids, width, keep).gather(1, ends[..., None].expand(-1, -1, width))
+            inside = keep & ~eos  # a run never holds the end-of-sequence token (which closes the scope)
+            ends = word_ends(ids, inside, word_continues(self.tokenizer).to(ids.device))
+            windows = windows_of(ids, width, inside).gather(1, ends[..., None].expand(-1, -1, width))
             runs = {"taught_windows": windows[keep],
                     "background_windows": windows_of(background["input_ids"], width, seen)[seen],
                     "chars": token_chars(self.tokenizer)}
