@@ -34,10 +34,10 @@ Matching by token n-grams (`memory.scope_match: ngram`): the keys are chosen as 
 state, alone or with the one before, is novel), but each is kept as the shortest run of token ids ending at the
 end of its word (at most `scope_ngram_tokens` tokens, at least `scope_ngram_chars` characters other than
 whitespace) that never occurs in the base's samples, and a position matches when the ids ending at it are one of
-those runs. A name then
-opens the scope in any sentence around it, where its states (which depend on the words before) may not match, and
-only text that contains a taught name's exact spelling does: a common word inside a name ("True") is not a run the
-samples lack, so prose using it stays out (docs/experiments.md, issue 17 twelfth pass).
+those runs. A name then opens the scope in any sentence around it, where its states (which depend on the words
+before) may not match, and only text that contains a taught name's exact spelling does: a common word inside a
+name ("True") is not a run the samples lack, so prose using it stays out (docs/experiments.md, issue 17 twelfth
+pass).
 
 The anchored query (`memory.scope_anchor`): one key names no one, but the keys a name matches together do. At each
 position in scope, the anchor is the mean of the unit states of the positions that matched a key since the scope
