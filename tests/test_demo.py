@@ -59,6 +59,16 @@ def test_adapter_demo_compares_methods_at_matched_parameters_and_reuses_the_base
         run_adapter_demo(other_base, _teach_cfg(), str(out), {"lora-r2": ["memory.enabled=false"]})
     assert str(refused.value) == (f"training.output_dir: {out / 'base'} holds a base trained with another config: "
                                   "data.seed differs; choose another output folder or delete that one")
+    import shutil
+
+    moved = tmp_path / "moved"  # the same base in another folder: reused
+    moved.mkdir()
+    for name in ("base", "base_hf", "base_result.json"):
+        (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, moved / name)
+    capsys.readouterr()
+    run_adapter_demo(_base_cfg(), _teach_cfg(), str(moved), {"lora-r2": ["memory.enabled=false", "lora.enabled=true",
+                                                                        "lora.r=2"]})
+    assert f"== base: reusing {moved / 'base_hf'}" in capsys.readouterr().out
 
 
 def test_adapter_demo_adds_lora_gated_by_the_same_lookup_when_memory_routes_by_subject():

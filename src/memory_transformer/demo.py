@@ -62,9 +62,11 @@ def _train_or_reuse(name: str, cfg: Config, result_of) -> dict:
 
 
 def _check_same_base(cfg: Config, saved: Path) -> None:
-    """A base already trained in the output folder is reused only for the same config (`saved`, its config.yaml):
-    another tokenizer, corpus or size would otherwise be taught and probed as if it were this one."""
-    prior = _resolved(load_config(str(saved)).to_dict()) if saved.is_file() else None
+    """A base already trained in the output folder is reused only for the same config (`saved`, its config.yaml;
+    where the folder is does not count): another tokenizer, corpus or size would otherwise be taught and probed as
+    if it were this one."""
+    prior = (_resolved(load_config(str(saved), [f"training.output_dir={cfg.training.output_dir}"]).to_dict())
+             if saved.is_file() else None)  # a base folder moved elsewhere is the same base
     resolved = json.loads(json.dumps(resolve_config(cfg).to_dict()))
     if prior == resolved:
         return
