@@ -1,6 +1,7 @@
 """The two demos end to end at toy sizes: tables, JSON, plots, matched LoRA rank, base reuse."""
 
 import json
+import shutil
 
 import pytest
 
@@ -59,8 +60,6 @@ def test_adapter_demo_compares_methods_at_matched_parameters_and_reuses_the_base
         run_adapter_demo(other_base, _teach_cfg(), str(out), {"lora-r2": ["memory.enabled=false"]})
     assert str(refused.value) == (f"training.output_dir: {out / 'base'} holds a base trained with another config: "
                                   "data.seed differs; choose another output folder or delete that one")
-    import shutil
-
     moved = tmp_path / "moved"  # the same base in another folder: reused
     moved.mkdir()
     for name in ("base", "base_hf", "base_result.json"):
