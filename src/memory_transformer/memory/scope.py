@@ -331,7 +331,8 @@ class ScopeKeys(nn.Module):
                                  "input_ids, not inputs_embeds")
             ids = ids[:, -h.shape[1]:]
             self.ids = torch.cat([self.ids[:, :past], ids], dim=1) if past else ids
-            event = self._gram_matches(windows_of(self.ids, self.ngram[0])[:, -h.shape[1]:])
+            recent = self.ids[:, -(h.shape[1] + self.ngram[0] - 1):]  # this forward's ids and the W - 1 before
+            event = self._gram_matches(windows_of(recent, self.ngram[0])[:, -h.shape[1]:])
         else:
             event = self._matches(u, prev)
         if ids is not None and self.eos is not None:
