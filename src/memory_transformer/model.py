@@ -230,11 +230,13 @@ class MemoryModel(nn.Module):
         if self.memory.scope.ngram is not None:  # memory.scope_match ngram: the ids ending at each kept position's
             width = self.memory.scope.ngram[0]  # word's end (a novel first letter of a word is not a key: "in A")
             inside = keep & ~eos  # a run never holds the end-of-sequence token (which closes the scope)
-            ends = word_ends(ids, inside, word_continues(self.tokenizer).to(ids.device))
+            texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]  # each token decoded alone
+            continues = torch.tensor([text[:1].isalnum() for text in texts], device=ids.device)  # within a word
+            ends = word_ends(ids, inside, continues)
             windows = windows_of(ids, width, inside).gather(1, ends[..., None].expand(-1, -1, width))
             runs = {"taught_windows": windows[keep],
                     "background_windows": windows_of(background["input_ids"], width, seen)[seen],
-                    "chars": token_chars(self.tokenizer)}
+                    "chars": torch.tensor([len("".join(text.split())) for text in texts])}  # but whitespace
         # memory.routing keys: a run's keys open the bank's last chapter (a later round's new one, teach.py)
         return self.memory.scope.fit(taught_states, background_states, seed, self.config.memory.num_chapters - 1,
                                      taught_prev, background_prev, **runs)
@@ -245,11 +247,6 @@ class MemoryModel(nn.Module):
         save_model(self, directory)
 
 
-def word_continues(tokenizer) -> torch.Tensor:
-    """(vocabulary,) bool: the token, decoded alone, starts with a letter or digit (it continues the word before)."""
-    return torch.tensor([tokenizer.decode([i])[:1].isalnum() for i in range(len(tokenizer))])
-
-
 def word_ends(ids: torch.Tensor, keep: torch.Tensor, continues: torch.Tensor) -> torch.Tensor:
     """ids, keep (B, T) -> (B, T): each position's word's last position (the last of the kept positions after it
     whose tokens continue the word)."""
@@ -258,11 +255,6 @@ def word_ends(ids: torch.Tensor, keep: torch.Tensor, continues: torch.Tensor) ->
     stops = torch.where(continues[ids] & keep, T, positions)  # the positions that do not continue a word
     first_stop = stops.flip(1).cummin(1).values.flip(1)  # at or after each position
     return torch.cat([first_stop[:, 1:], torch.full((B, 1), T, device=ids.device)], 1) - 1
-
-
-def token_chars(tokenizer) -> torch.Tensor:
-    """(vocabulary,): each token's characters other than whitespace, as the tokenizer decodes it alone."""
-    return torch.tensor([len("".join(tokenizer.decode([i]).split())) for i in range(len(tokenizer))])
 
 
 @contextlib.contextmanager

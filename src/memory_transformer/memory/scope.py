@@ -154,9 +154,10 @@ class ScopeKeys(nn.Module):
         With pairs, `taught_prev` and `background_prev` are the states of the positions before (rows aligned; a
         row of zeros where there is none): a taught state that is not novel alone but whose pair with its previous
         state is (no background pair within `novelty` on both halves) becomes a pair key. With ngram matching,
-        `taught_windows` (N, W) and `background_windows` (M, W) are the ids ending at each position (`windows_of`)
-        and `chars` (vocabulary,) each token's characters other than whitespace: every novel position (alone or
-        as a pair) becomes a run of ids instead (`_fit_grams`). Returns counts for the log."""
+        `taught_windows` (N, W) are the ids a run of each taught position may hold (rows aligned with the states;
+        `windows_of`, ending where the run must end), `background_windows` (M, W) the ids ending at each
+        background position, and `chars` (vocabulary,) each token's characters other than whitespace: every novel
+        position (alone or as a pair) becomes a run of ids instead (`_fit_grams`). Returns counts for the log."""
         if not len(background):
             raise ValueError("memory.scope keys: no background states to fit against (data.replay_generated)")
         taught, background = F.normalize(taught.float(), dim=-1), F.normalize(background.float(), dim=-1)
@@ -169,7 +170,8 @@ class ScopeKeys(nn.Module):
             background_prev = F.normalize(background_prev.float(), dim=-1)
             candidates = ((best >= self.novelty) & (taught_prev.abs().sum(-1) > 0)).nonzero().squeeze(-1)
             pair_best = _best_cosine(taught[candidates], background, taught_prev[candidates], background_prev)
-            pair_novel = candidates[pair_best < self.novelty]
+            novel_pair = pair_best < self.novelty
+            pair_novel, pair_best = candidates[novel_pair], pair_best[novel_pair]
         if self.ngram is not None:
             if taught_windows is None or background_windows is None or chars is None:
                 raise ValueError("memory.scope_match ngram: fitting needs the positions' ids and the tokens' lengths")
@@ -188,7 +190,7 @@ class ScopeKeys(nn.Module):
         at = pair_novel[chosen]
         pairs = torch.stack([taught_prev[at], taught[at]], dim=1)  # (K2, 2, d)
         self.pair_keys, self.pair_thresholds = self._with_thresholds(
-            pairs, pair_best[pair_best < self.novelty][chosen], self.pair_keys, self.pair_thresholds)
+            pairs, pair_best[chosen], self.pair_keys, self.pair_thresholds)
         if self.pair_chapters is not None:
             self.pair_chapters = torch.full((len(chosen),), chapter, dtype=torch.long,
                                             device=self.pair_chapters.device)
